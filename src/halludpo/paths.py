@@ -1,0 +1,58 @@
+"""File names of every stage output, derived from the config; the Snakefile and the stages both use these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def data_done(cfg: DictConfig) -> Path:
+    """The marker the data stage writes last: its presence means every split is complete."""
+    return Path(cfg.paths.data_dir) / "world.json"
+
+
+def base_model_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.model.path)
+
+
+def round_dir(cfg: DictConfig, k: int) -> Path:
+    return Path(cfg.paths.experiment_dir) / f"round_{k}"
+
+
+def model_dir(cfg: DictConfig, k: int) -> Path:
+    """model_0 is the base model; model_k (k >= 1) is round k-1's merged model."""
+    return base_model_dir(cfg) if k == 0 else round_dir(cfg, k - 1) / "merged"
+
+
+def model_marker(cfg: DictConfig, k: int) -> Path:
+    """A file whose existence means model_k is fully saved (Snakemake tracks files, not folders)."""
+    return model_dir(cfg, k) / "config.json"
+
+
+def eval_generations(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "generations.jsonl"
+
+
+def chair_json(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "chair.json"
+
+
+def pope_json(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "pope.json"
+
+
+def pope_questions(cfg: DictConfig, split: str) -> Path:
+    return Path(cfg.paths.data_dir) / "pope" / f"{split}.jsonl"
+
+
+def chair_image_ids(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.data_dir) / "chair_image_ids.json"
+
+
+def summary_json(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.experiment_dir) / "summary.json"
+
+
+def logs_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.experiment_dir) / "logs"

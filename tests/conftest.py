@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny toy worlds and tiny models built locally — nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_ARCH = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+                 vision_feature_layer=-1, text_hidden=32, text_layers=1, text_heads=2, max_positions=160)
+TINY_WORLD = dict(image_size=32, min_objects=2, max_objects=4, min_glyph=8, max_glyph=12, partner_prob=0.7,
+                  cross_scene_prob=0.1, hallucination_share=0.8, synonym_prob=0.2, noise_std=8.0, max_overlap=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A rendered toy world of a few dozen 32-px images per split."""
+    from halludpo.data import render_toy_data
+
+    out = tmp_path_factory.mktemp("world") / "toy"
+    render_toy_data(out, {"train": 40, "unlabeled": 10, "eval": 40}, seed=0, world=TINY_WORLD, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_world, tmp_path_factory):
+    """A tiny toy LLaVA trained for a few steps on the tiny world, saved with save_pretrained."""
+    from halludpo.pretrain import load_split, pretrain_toy
+
+    examples = load_split(tiny_world / "train" / "instances.json", tiny_world / "train" / "captions.json")
+    out = tmp_path_factory.mktemp("models") / "toy"
+    pretrain = dict(seed=0, epochs=1, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_frac=0.1, qa_per_image=2,
+                    max_length=120)
+    pretrain_toy(examples, tiny_world / "train" / "images", out, TINY_ARCH, pretrain, progress=False)
+    return out

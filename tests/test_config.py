@@ -1,0 +1,48 @@
+import pytest
+
+from halludpo import paths
+from halludpo.config import ConfigError, compose, flatten, normalize_overrides, to_plain
+
+
+def test_default_config_is_the_toy_apasi_experiment():
+    cfg = compose()
+    assert cfg.experiment_name == "toy_apasi"
+    assert cfg.data.kind == "toy" and cfg.model.family == "toy"
+    assert str(paths.summary_json(cfg)) == "results/toy_apasi/summary.json"
+    assert str(paths.chair_json(cfg, 0)) == "results/toy_apasi/round_0/eval/chair.json"
+    assert paths.model_dir(cfg, 0) == paths.base_model_dir(cfg)
+
+
+def test_overrides_reach_every_group():
+    cfg = compose(["paths.results=/tmp/x", "eval.chair.n_images=7", "data.splits.eval=9"])
+    assert cfg.paths.data_dir == "/tmp/x/data/toy"
+    assert cfg.eval.chair.n_images == 7 and cfg.data.splits.eval == 9
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["train.no_such_key=1"], "no_such_key"),
+    (["model=no_such_model"], "model/no_such_model"),
+    (["experiment=nope"], "experiment/nope"),
+    (["model.family=gpt"], "unknown model family 'gpt'"),
+    (["round=5"], "round must be in"),
+])
+def test_invalid_config_gives_one_clear_message(bad, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+        compose(bad)
+    assert "Traceback" not in str(err.value)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, []),
+    ("[experiment=toy_apasi,rounds=1]", ["experiment=toy_apasi", "rounds=1"]),
+    ("experiment=toy_apasi rounds=1", ["experiment=toy_apasi", "rounds=1"]),
+    (["a=1", "b=2"], ["a=1", "b=2"]),
+])
+def test_normalize_overrides(raw, expected):
+    assert normalize_overrides(raw) == expected
+
+
+def test_flatten_for_mlflow_params():
+    flat = flatten(to_plain(compose()))
+    assert flat["eval.chair.max_new_tokens"] == 64
+    assert flat["eval.pope.splits"] == "['random', 'popular', 'adversarial']"

@@ -1,0 +1,95 @@
+import random
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from halludpo.families import UnknownModelFamily
+from halludpo.inference import generate_texts, load_image
+from halludpo.io import InputError
+from halludpo.models import IMAGE_TOKEN, build_toy_model, chat_prompt, load_model_and_processor, save_model
+from halludpo.pretrain import as_messages, conversations, encode, load_split, toy_vocabulary
+from tests.conftest import TINY_ARCH
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_world):
+    return load_split(tiny_world / "train" / "instances.json", tiny_world / "train" / "captions.json")
+
+
+def test_toy_model_round_trips_through_auto_classes(examples, tmp_path):
+    model, processor = build_toy_model(toy_vocabulary(examples), TINY_ARCH, seed=0)
+    save_model(model, processor, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    loaded, proc = load_model_and_processor(tmp_path / "m", "toy")
+    assert isinstance(loaded, LlavaForConditionalGeneration) and isinstance(proc, LlavaProcessor)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert proc.tokenizer.padding_side == "left"
+
+
+def test_unknown_family_is_refused(tmp_path):
+    with pytest.raises(UnknownModelFamily, match="unknown model family 'gpt2'; valid families: toy"):
+        load_model_and_processor(tmp_path, "gpt2")
+
+
+def test_chat_template_and_image_token_expansion(examples):
+    _, processor = build_toy_model(toy_vocabulary(examples), TINY_ARCH, seed=0)
+    prompt = chat_prompt(processor, "Please describe this image in detail.")
+    assert prompt == "user : <image> Please describe this image in detail. assistant : "
+    batch = processor(images=[torch.zeros(3, 32, 32)], text=[prompt], return_tensors="pt")
+    n_image = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).sum().item()
+    assert n_image == (32 // 8) ** 2  # CLS dropped by the "default" feature strategy
+
+
+def test_encode_masks_everything_but_assistant_turns(examples):
+    _, processor = build_toy_model(toy_vocabulary(examples), TINY_ARCH, seed=0)
+    messages = as_messages([("is there a dog in the image ?", "yes ."), ("is there a cup in the image ?", "no .")])
+    ids, labels = encode(processor, messages, n_image_tokens=16, max_length=200)
+    tok = processor.tokenizer
+    trained = tok.convert_ids_to_tokens([i for i, lab in zip(ids, labels) if lab != -100])
+    assert trained == ["yes", ".", "</s>", "no", ".", "</s>"]
+    with pytest.raises(ValueError, match="exceeds max_length=10"):
+        encode(processor, messages, n_image_tokens=16, max_length=10)
+
+
+def test_conversations_ask_present_and_absent_objects(examples):
+    rng = random.Random(0)
+    for ex in examples[:10]:
+        describe, qa = conversations(ex, rng, qa_per_image=4)
+        assert describe[1]["content"][0]["text"] == ex["caption"]
+        answers = [m["content"][0]["text"] for m in qa if m["role"] == "assistant"]
+        assert sorted(answers) == ["no .", "no .", "yes .", "yes ."]
+        for user, assistant in zip(qa[::2], qa[1::2]):
+            obj = user["content"][-1]["text"].split(" in the image")[0].split(" ", 3)[-1]
+            assert (obj in ex["objects"]) == (assistant["content"][0]["text"] == "yes .")
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tiny_world):
+    model, processor = load_model_and_processor(tiny_model_dir, "toy")
+    images = sorted((tiny_world / "eval" / "images").glob("*.png"))[:5]
+    prompts = ["Please describe this image in detail."] * 5
+    kwargs = {"max_new_tokens": 12, "do_sample": False}
+    batched = generate_texts(model, processor, images, prompts, kwargs, batch_size=5, progress=False)
+    single = [generate_texts(model, processor, [i], [p], kwargs, batch_size=1, progress=False)[0]
+              for i, p in zip(images, prompts)]
+    assert batched == single
+    assert all(isinstance(r, str) for r in batched)
+
+
+def test_sampling_is_seeded(tiny_model_dir, tiny_world):
+    model, processor = load_model_and_processor(tiny_model_dir, "toy")
+    images = sorted((tiny_world / "eval" / "images").glob("*.png"))[:4]
+    kwargs = {"max_new_tokens": 10, "do_sample": True, "temperature": 1.5}
+    run = lambda seed: generate_texts(model, processor, images, ["describe this image ."] * 4, kwargs, 4,  # noqa
+                                      seed=seed, progress=False)
+    assert run(1) == run(1)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(InputError, match="bad.png: corrupt or unreadable image"):
+        load_image(bad)
+    with pytest.raises(InputError, match="missing.png: image not found"):
+        load_image(tmp_path / "missing.png")

@@ -1,0 +1,134 @@
+"""The DAG end to end with a tiny config: real Snakemake, real stages, real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.splits.train=60", "data.splits.unlabeled=8", "data.splits.eval=60", "data.world.image_size=32",
+    "data.world.min_glyph=8", "data.world.max_glyph=12", "data.world.max_objects=4",
+    "model.arch.vision_hidden=32", "model.arch.vision_layers=1", "model.arch.vision_heads=2",
+    "model.arch.text_hidden=32", "model.arch.text_layers=1", "model.arch.text_heads=2",
+    "model.pretrain.epochs=1", "model.pretrain.batch_size=16",
+    "eval.chair.n_images=20", "eval.chair.max_new_tokens=24", "eval.pope.n_images=8", "eval.batch_size=16",
+]
+
+
+def snakemake(workdir: Path, *args: str, overrides=TINY) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"), "--directory",
+           str(workdir), "--cores", "2", "--config", f"overrides=[{','.join(overrides)}]", *args]
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    dry = snakemake(workdir, "-n")
+    assert dry.returncode == 0, dry.stderr
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_lists_every_rule(pipeline_dir):
+    _, dry = pipeline_dir
+    for rule in ("render", "pretrain_base", "pope_questions", "generate", "evaluate", "summarize", "all"):
+        assert f"rule {rule}:" in dry or f"\n{rule} " in dry, rule
+
+
+@pytest.mark.slow
+def test_summary_and_protocol(pipeline_dir):
+    workdir, _ = pipeline_dir
+    exp = workdir / "results" / "toy_apasi"
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["experiment"] == "toy_apasi"
+    (row,) = summary["rounds"]
+    assert row["round"] == 0 and row["model"].endswith("toy_llava_toy")
+    assert set(row["chair"]) == {"chair_s", "chair_i", "recall", "len"}
+    assert all(0.0 <= row["chair"][k] <= 1.0 for k in ("chair_s", "chair_i", "recall"))
+    assert set(row["pope"]) == {"random", "popular", "adversarial"}
+    for split in row["pope"].values():
+        assert set(split) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+    chair = json.loads((exp / "round_0" / "eval" / "chair.json").read_text())
+    protocol = chair["protocol"]
+    assert protocol["n_images"] == 20 == len(protocol["image_ids"]) == len(chair["items"])
+    assert protocol["max_new_tokens"] == 24 and protocol["prompt"] == ["Please describe this image in detail."]
+    assert protocol["text_pipeline"] in ("offline-lemminflect", "nltk-wordnet") and protocol["versions"]["torch"]
+    assert chair["metrics"]["chair_i"] == row["chair"]["chair_i"]
+    pope = json.loads((exp / "round_0" / "eval" / "pope.json").read_text())
+    assert pope["protocol"]["n_questions"] == {"random": 48, "popular": 48, "adversarial": 48}
+    assert set(pope["protocol"]["question_files_sha256"]) == {"random", "popular", "adversarial"}
+    samples = (exp / "round_0" / "eval" / "pope_samples.jsonl").read_text().splitlines()
+    assert len(samples) == 144
+
+
+@pytest.mark.slow
+def test_mlflow_store_holds_parent_and_round_child(pipeline_dir):
+    from mlflow import MlflowClient
+
+    workdir, _ = pipeline_dir
+    ids = json.loads((workdir / "results" / "toy_apasi" / "mlflow_runs.json").read_text())
+    client = MlflowClient(tracking_uri=ids["tracking_uri"])
+    assert ids["tracking_uri"] == f"sqlite:///{workdir / 'results' / 'mlflow.db'}"
+    children = client.search_runs([ids["experiment_id"]],
+                                  filter_string=f"tags.mlflow.parentRunId = '{ids['parent_run_id']}'")
+    assert [c.info.run_name for c in children] == ["round_0"]
+    summary = json.loads((workdir / "results" / "toy_apasi" / "summary.json").read_text())
+    metrics = children[0].data.metrics
+    assert metrics["chair_i"] == pytest.approx(summary["rounds"][0]["chair"]["chair_i"])
+    assert metrics["pope_adversarial_f1"] == pytest.approx(summary["rounds"][0]["pope"]["adversarial"]["f1"])
+    assert children[0].data.params["eval.chair.max_new_tokens"] == "24"
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing(pipeline_dir):
+    workdir, _ = pipeline_dir
+    again = snakemake(workdir, "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_forcerun_evaluate_does_not_retrain(pipeline_dir):
+    workdir, _ = pipeline_dir
+    plan = snakemake(workdir, "-n", "--forcerun", "evaluate")
+    jobs = job_counts(plan.stdout)
+    assert jobs.keys() == {"evaluate", "summarize", "all"}, jobs
+
+
+@pytest.mark.slow
+def test_changed_decoding_setting_reruns_only_downstream(pipeline_dir):
+    workdir, _ = pipeline_dir
+    plan = snakemake(workdir, "-n", overrides=[*TINY[:-3], "eval.chair.max_new_tokens=20", *TINY[-2:]])
+    jobs = job_counts(plan.stdout)
+    assert "pretrain_base" not in jobs and "render" not in jobs
+    assert {"generate", "evaluate", "summarize"} <= jobs.keys(), jobs
+
+
+def test_bad_override_is_one_clear_error(tmp_path):
+    result = snakemake(tmp_path, "-n", overrides=["train.no_such_key=1"])
+    assert result.returncode != 0
+    assert "Could not override 'train.no_such_key'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run -> {rule: count}."""
+    lines = stdout.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts

@@ -1,0 +1,52 @@
+# Config composition, validation and helpers (no rules). The Hydra config composed here is the one every stage
+# composes again from the same overrides, so the DAG and the stages agree.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from omegaconf import OmegaConf
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from halludpo import paths
+from halludpo.config import ConfigError, compose, normalize_overrides, to_plain
+
+validate(config, schema="../schemas/snakemake_config.schema.yaml")
+
+OVERRIDES = normalize_overrides(config.get("overrides"))
+if config.get("experiment"):
+    OVERRIDES = [f"experiment={config['experiment']}"] + OVERRIDES
+try:
+    CFG = compose(OVERRIDES)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+SRC = Path(workflow.basedir) / "src" / "halludpo"
+CONDA_ENV = "../../envs/halludpo.yaml"  # relative to the rule files
+RESULTS = Path(CFG.paths.results)
+EXP = Path(CFG.paths.experiment_dir)
+ROUNDS = list(range(CFG.rounds + 1))
+
+
+def stage(module, rule_name, **settings):
+    """The shell command that runs a stage as a Hydra app with the user's overrides and this rule's settings."""
+    args = [f"{k}={v}" for k, v in settings.items()]
+    run_dir = f"hydra.run.dir={RESULTS}/hydra/{CFG.experiment_name}/{rule_name}"
+    for k, v in settings.items():
+        run_dir += f"_{k}{v}"
+    words = ["python", "-m", f"halludpo.{module}", *args, *OVERRIDES, run_dir, "hydra.job.chdir=false"]
+    command = " ".join(shlex.quote(w) for w in words)
+    # src/ on the path: the rules run the checkout's code, also inside a conda env without the package
+    return f"PYTHONPATH={shlex.quote(str(SRC.parent))}${{PYTHONPATH:+:$PYTHONPATH}} {command}"
+
+
+def subtree(*keys):
+    """The resolved config values a rule depends on (dotted keys), as one string param: a changed value reruns it."""
+    return json.dumps({k: to_plain(OmegaConf.select(CFG, k)) if OmegaConf.is_config(OmegaConf.select(CFG, k))
+                       else OmegaConf.select(CFG, k) for k in keys}, sort_keys=True)
+
+
+def model_marker(wildcards):
+    return str(paths.model_marker(CFG, int(wildcards.k)))

@@ -1,0 +1,42 @@
+rule pope_questions:
+    """POPE question files (random / popular / adversarial) from the evaluation annotations."""
+    input:
+        code=SRC / "metrics" / "pope.py",
+        instances=CFG.data.eval_instances,
+    output:
+        [str(paths.pope_questions(CFG, s)) for s in CFG.eval.pope.splits],
+    params:
+        config=subtree("eval.pope", "eval.seed"),
+        cmd=stage("evaluate", "pope_questions", step="questions"),
+    conda:
+        CONDA_ENV
+    log:
+        RESULTS / "logs" / f"pope_questions_{CFG.data.name}.log",
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule evaluate:
+    """CHAIR on model_k's descriptions, POPE by asking model_k."""
+    input:
+        code=[SRC / "evaluate.py", SRC / "metrics" / "chair.py"],
+        generations=rules.generate.output[0],
+        questions=rules.pope_questions.output,
+        model=model_marker,
+    output:
+        chair=str(EXP / "round_{k}" / "eval" / "chair.json"),
+        pope=str(EXP / "round_{k}" / "eval" / "pope.json"),
+        samples=str(EXP / "round_{k}" / "eval" / "pope_samples.jsonl"),
+    params:
+        config=subtree("data.vocabulary", "data.compounds", "data.eval_captions", "eval.chair.text_pipeline",
+                       "eval.pope", "eval.batch_size"),
+        cmd=lambda w: stage("evaluate", "evaluate", round=w.k),
+    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    log:
+        EXP / "logs" / "evaluate_r{k}.log",
+    benchmark:
+        EXP / "benchmarks" / "evaluate_r{k}.tsv"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"

@@ -1,0 +1,18 @@
+rule summarize:
+    """summary.json (one row per model_k) and the MLflow parent run with a child run per round."""
+    input:
+        code=[SRC / "report.py", SRC / "tracking.py"],
+        chair=expand(rules.evaluate.output.chair, k=ROUNDS),
+        pope=expand(rules.evaluate.output.pope, k=ROUNDS),
+    output:
+        summary=str(paths.summary_json(CFG)),
+        table=str(EXP / "summary.md"),
+    params:
+        config=subtree("experiment_name", "rounds", "tracking"),
+        cmd=stage("report", "summarize"),
+    conda:
+        CONDA_ENV
+    log:
+        EXP / "logs" / "summarize.log",
+    shell:
+        "{params.cmd} > {log} 2>&1"
