@@ -41,29 +41,44 @@ def select_images(instances_path: str | Path, n_images: int | None, seed: int,
     return sorted(random.Random(seed).sample(images, n_images), key=lambda im: im["id"])
 
 
-def describe_images(model, processor, images: list[dict], images_dir: str | Path, prompt: str, generation: dict,
-                    max_new_tokens: int, batch_size: int, seed: int, model_name: str, round_k: int) -> list[dict]:
+def describe_images(model, processor, images: list[dict], images_dir: str | Path, prompts: str | list[str],
+                    generation: dict, max_new_tokens: int, batch_size: int, seed: int, model_name: str,
+                    round_k: int) -> list[dict]:
+    """One description per image; with a list of prompts, each image gets one drawn with the seed."""
     paths_ = [str(Path(images_dir) / im["file_name"]) for im in images]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    rng = random.Random(seed)
+    per_image = [prompts[0] if len(prompts) == 1 else rng.choice(prompts) for _ in images]
     kwargs = decoding_kwargs(generation, max_new_tokens)
-    responses = generate_texts(model, processor, paths_, [prompt] * len(images), kwargs, batch_size, seed,
+    responses = generate_texts(model, processor, paths_, per_image, kwargs, batch_size, seed,
                                desc=f"describe r{round_k}")
     sampling = kwargs | {"seed": seed}
     return [{"image_id": im["id"], "image_path": p, "prompt": prompt, "response": r, "model": model_name,
-             "round": round_k, "sampling": sampling} for im, p, r in zip(images, paths_, responses)]
+             "round": round_k, "sampling": sampling} for im, p, prompt, r in zip(images, paths_, per_image, responses)]
 
 
 def run(cfg: DictConfig) -> None:
     k = cfg.round
-    if cfg.split != "eval":
-        raise ValueError(f"split={cfg.split!r}: only 'eval' generation is wired so far")
-    chair = cfg.eval.chair
-    images = select_images(cfg.data.eval_instances, chair.n_images, cfg.eval.seed, chair.image_ids_file)
     model_path = paths.model_dir(cfg, k)
+    if cfg.split == "eval":  # the CHAIR descriptions
+        chair = cfg.eval.chair
+        images = select_images(cfg.data.eval_instances, chair.n_images, cfg.eval.seed, chair.image_ids_file)
+        images_dir, prompts, generation = cfg.data.eval_images, chair.prompt, to_plain(cfg.eval.generation)
+        max_new_tokens, batch_size, seed = chair.max_new_tokens, cfg.eval.batch_size, cfg.eval.seed
+        out = paths.eval_generations(cfg, k)
+    elif cfg.split == "gen":  # round k's raw material for preference pairs, on the unlabelled images
+        gen = cfg.method.generation
+        seed = cfg.seed + 1000 * k  # new samples every round when sampling
+        images = select_images(cfg.data.gen_instances, gen.n_images, seed)
+        images_dir, prompts, generation = cfg.data.gen_images, list(gen.prompts), to_plain(gen.decoding)
+        max_new_tokens, batch_size = gen.max_new_tokens, gen.batch_size
+        out = paths.gen_generations(cfg, k)
+    else:
+        raise ValueError(f"split={cfg.split!r}; valid: eval, gen")
     model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
-    rows = describe_images(model, processor, images, cfg.data.eval_images, chair.prompt,
-                           to_plain(cfg.eval.generation), chair.max_new_tokens, cfg.eval.batch_size, cfg.eval.seed,
-                           str(model_path), k)
-    out = paths.eval_generations(cfg, k)
+    rows = describe_images(model, processor, images, images_dir, prompts, generation, max_new_tokens, batch_size,
+                           seed, str(model_path), k)
     write_jsonl(out, rows)
     log.info("%d descriptions -> %s", len(rows), out)
 

@@ -30,8 +30,13 @@ def model_marker(cfg: DictConfig, k: int) -> Path:
     return model_dir(cfg, k) / "config.json"
 
 
+def generations(cfg: DictConfig, k: int, split: str) -> Path:
+    """model_k's descriptions: split 'eval' for CHAIR, 'gen' (unlabelled images) for preference pairs."""
+    return round_dir(cfg, k) / "generate" / f"{split}.jsonl"
+
+
 def eval_generations(cfg: DictConfig, k: int) -> Path:
-    return round_dir(cfg, k) / "eval" / "generations.jsonl"
+    return generations(cfg, k, "eval")
 
 
 def chair_json(cfg: DictConfig, k: int) -> Path:
@@ -56,3 +61,24 @@ def summary_json(cfg: DictConfig) -> Path:
 
 def logs_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.experiment_dir) / "logs"
+
+
+def gen_generations(cfg: DictConfig, k: int) -> Path:
+    """model_k's descriptions of the unlabelled images: the raw material of round k's preference pairs."""
+    return generations(cfg, k, "gen")
+
+
+def pairs_jsonl(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "pairs" / "pairs.jsonl"
+
+
+def ref_logps_jsonl(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "pairs" / "ref_logps.jsonl"
+
+
+def train_dir(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "train"
+
+
+def rounds_plot(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.experiment_dir) / "rounds.png"

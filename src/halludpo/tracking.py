@@ -58,7 +58,7 @@ def log_params(client, run_id: str, params: dict[str, object]) -> None:
 
 def log_experiment(uri: str, experiment: str, artifact_location: str | None, params: dict[str, object],
                    rounds: list[dict], artifacts: dict[int, Iterable[Path]],
-                   curves: dict[int, list[dict]] | None = None) -> dict:
+                   curves: dict[int, list[dict]] | None = None, plot: Path | None = None) -> dict:
     """Create the parent run and one nested child run `round_<k>` per summary row; returns the run ids.
 
     curves[k] = [{"step": s, "<name>": value, ...}] (training history of the round) is logged with its steps.
@@ -87,5 +87,7 @@ def log_experiment(uri: str, experiment: str, artifact_location: str | None, par
         for m, v in round_metrics(row).items():  # the parent shows the curve over rounds
             client.log_metric(parent.info.run_id, m, v, step=k)
         client.set_terminated(run_id)
+    if plot is not None and Path(plot).is_file():
+        client.log_artifact(parent.info.run_id, str(plot))
     client.set_terminated(parent.info.run_id)
     return ids

@@ -50,3 +50,7 @@ def subtree(*keys):
 
 def model_marker(wildcards):
     return str(paths.model_marker(CFG, int(wildcards.k)))
+
+
+wildcard_constraints:
+    k=r"\d+",

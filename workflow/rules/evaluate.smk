@@ -20,7 +20,7 @@ rule evaluate:
     """CHAIR on model_k's descriptions, POPE by asking model_k."""
     input:
         code=[SRC / "evaluate.py", SRC / "metrics" / "chair.py"],
-        generations=rules.generate.output[0],
+        generations=str(EXP / "round_{k}" / "generate" / "eval.jsonl"),
         questions=rules.pope_questions.output,
         model=model_marker,
     output:

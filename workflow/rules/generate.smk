@@ -1,20 +1,28 @@
+GENERATE_CONFIG = {
+    "eval": ("model", "eval.chair", "eval.generation", "eval.batch_size", "eval.seed"),
+    "gen": ("model", "method.generation", "seed"),
+}
+
+
 rule generate:
-    """model_k describes the evaluation images (CHAIR prompt and decoding from eval/)."""
+    """model_k describes images: split eval (CHAIR prompt and decoding) or gen (unlabelled images, for pairs)."""
     input:
         code=SRC / "generate.py",
         model=model_marker,
-        instances=CFG.data.eval_instances,
+        instances=lambda w: CFG.data.eval_instances if w.split == "eval" else CFG.data.gen_instances,
     output:
-        str(EXP / "round_{k}" / "eval" / "generations.jsonl"),
+        str(EXP / "round_{k}" / "generate" / "{split}.jsonl"),
+    wildcard_constraints:
+        split="eval|gen",
     params:
-        config=subtree("model", "eval.chair", "eval.generation", "eval.batch_size", "eval.seed"),
-        cmd=lambda w: stage("generate", "generate", round=w.k, split="eval"),
+        config=lambda w: subtree(*GENERATE_CONFIG[w.split]),
+        cmd=lambda w: stage("generate", "generate", round=w.k, split=w.split),
     threads: workflow.cores
     conda:
         CONDA_ENV
     log:
-        EXP / "logs" / "generate_eval_r{k}.log",
+        EXP / "logs" / "generate_{split}_r{k}.log",
     benchmark:
-        EXP / "benchmarks" / "generate_eval_r{k}.tsv"
+        EXP / "benchmarks" / "generate_{split}_r{k}.tsv"
     shell:
         "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
