@@ -17,6 +17,7 @@ TINY = [
     "model.arch.vision_hidden=32", "model.arch.vision_layers=1", "model.arch.vision_heads=2",
     "model.arch.text_hidden=32", "model.arch.text_layers=1", "model.arch.text_heads=2",
     "model.pretrain.epochs=1", "model.pretrain.batch_size=16",
+    "rounds=1", "train.batch_size=4", "train.max_length=200", "method.generation.max_new_tokens=24",
     "eval.chair.n_images=20", "eval.chair.max_new_tokens=24", "eval.pope.n_images=8", "eval.batch_size=16",
 ]
 
@@ -42,7 +43,8 @@ def pipeline_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_dry_run_lists_every_rule(pipeline_dir):
     _, dry = pipeline_dir
-    for rule in ("render", "pretrain_base", "pope_questions", "generate", "evaluate", "summarize", "all"):
+    for rule in ("render", "pretrain_base", "pope_questions", "generate", "evaluate", "inject", "reference_logps",
+                 "dpo", "merge", "summarize", "all"):
         assert f"rule {rule}:" in dry or f"\n{rule} " in dry, rule
 
 
@@ -52,8 +54,11 @@ def test_summary_and_protocol(pipeline_dir):
     exp = workdir / "results" / "toy_apasi"
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["experiment"] == "toy_apasi"
-    (row,) = summary["rounds"]
+    row, last = summary["rounds"]
     assert row["round"] == 0 and row["model"].endswith("toy_llava_toy")
+    assert last["round"] == 1 and last["model"].endswith("round_0/merged")
+    assert row["train"]["pairs"] > 0 and row["train"]["steps"] >= 1
+    assert (exp / "rounds.png").stat().st_size > 1000
     assert set(row["chair"]) == {"chair_s", "chair_i", "recall", "len"}
     assert all(0.0 <= row["chair"][k] <= 1.0 for k in ("chair_s", "chair_i", "recall"))
     assert set(row["pope"]) == {"random", "popular", "adversarial"}
@@ -82,12 +87,16 @@ def test_mlflow_store_holds_parent_and_round_child(pipeline_dir):
     assert ids["tracking_uri"] == f"sqlite:///{workdir / 'results' / 'mlflow.db'}"
     children = client.search_runs([ids["experiment_id"]],
                                   filter_string=f"tags.mlflow.parentRunId = '{ids['parent_run_id']}'")
-    assert [c.info.run_name for c in children] == ["round_0"]
+    assert sorted(c.info.run_name for c in children) == ["round_0", "round_1"]
+    round_0 = next(c for c in children if c.info.run_name == "round_0")
     summary = json.loads((workdir / "results" / "toy_apasi" / "summary.json").read_text())
-    metrics = children[0].data.metrics
+    metrics = round_0.data.metrics
     assert metrics["chair_i"] == pytest.approx(summary["rounds"][0]["chair"]["chair_i"])
     assert metrics["pope_adversarial_f1"] == pytest.approx(summary["rounds"][0]["pope"]["adversarial"]["f1"])
-    assert children[0].data.params["eval.chair.max_new_tokens"] == "24"
+    assert round_0.data.params["eval.chair.max_new_tokens"] == "24"
+    steps = summary["rounds"][0]["train"]["steps"]
+    for name in ("loss", "rewards/accuracies", "rewards/margins"):  # training curves in the same child run
+        assert len(client.get_metric_history(round_0.info.run_id, name)) == steps, name
 
 
 @pytest.mark.slow
@@ -103,7 +112,7 @@ def test_forcerun_evaluate_does_not_retrain(pipeline_dir):
     workdir, _ = pipeline_dir
     plan = snakemake(workdir, "-n", "--forcerun", "evaluate")
     jobs = job_counts(plan.stdout)
-    assert jobs.keys() == {"evaluate", "summarize", "all"}, jobs
+    assert jobs == {"evaluate": 2, "summarize": 1, "all": 1}, jobs
 
 
 @pytest.mark.slow
@@ -113,6 +122,13 @@ def test_changed_decoding_setting_reruns_only_downstream(pipeline_dir):
     jobs = job_counts(plan.stdout)
     assert "pretrain_base" not in jobs and "render" not in jobs
     assert {"generate", "evaluate", "summarize"} <= jobs.keys(), jobs
+
+
+@pytest.mark.slow
+def test_changed_dpo_hyperparameter_reruns_only_training_and_after(pipeline_dir):
+    workdir, _ = pipeline_dir
+    jobs = job_counts(snakemake(workdir, "-n", overrides=[*TINY, "train.beta=0.2"]).stdout)
+    assert jobs == {"dpo": 1, "merge": 1, "generate": 1, "evaluate": 1, "summarize": 1, "all": 1}, jobs
 
 
 def test_bad_override_is_one_clear_error(tmp_path):

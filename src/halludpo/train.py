@@ -252,6 +252,7 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
     history = [h for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     return {"pairs": len(dataset), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+            "train_seconds": result.metrics["train_runtime"],
             "trainable_tensors": len(trainable), "reference": train["reference"], "history": history}
 
 
