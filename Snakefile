@@ -10,10 +10,13 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/generate.smk"
+include: "workflow/rules/verifiers.smk"
 include: "workflow/rules/pairs.smk"
+include: "workflow/rules/contrast.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/download.smk"
 
 
 rule all:

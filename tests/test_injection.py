@@ -225,6 +225,18 @@ def test_inject_both_uses_both_actions_and_drops_unusable():
         inject(RESPONSE, toy_objects_of, co, TOY_OBJECTS, 0.4, 1, "swap", TOY_TEMPLATES, random.Random(0))
 
 
+def test_inject_append_adds_one_sentence_at_the_end():
+    original = split_sentences(RESPONSE)
+    for seed in range(10):
+        result = inject(RESPONSE, toy_objects_of, toy_co_freq(), TOY_OBJECTS, 0.4, 1, "append", TOY_TEMPLATES,
+                        random.Random(seed))
+        (step,) = result["plan"]
+        assert step["index"] == len(original) - 1 and step["action"] == "insert" and result["mode"] == "insert"
+        rejected = split_sentences(realize(result, _fake_completions(result)))
+        assert rejected[:-1] == [s if s.endswith(" ") else s + " " for s in original]
+        assert step["object"] in rejected[-1] and step["object"] not in toy_objects_of(RESPONSE)
+
+
 class FakeCompleter:
     def __init__(self):
         self.prefixes = []

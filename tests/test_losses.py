@@ -31,7 +31,7 @@ def test_cdpo_formula_is_dpo_and_registry_names_losses():
     for a, b in zip(context_dpo(policy, reference, 0.1), sigmoid_dpo(policy, reference, 0.1)):
         assert torch.equal(a, b)
     assert torch.equal(preference_loss("sigmoid", policy, reference, beta=0.1)[0], sigmoid_dpo(policy, reference)[0])
-    with pytest.raises(ValueError, match="unknown preference loss 'ipo'; valid: cdpo, sigmoid"):
+    with pytest.raises(ValueError, match="unknown preference loss 'ipo'; valid: cdpo, mdpo, sigmoid, symmpo"):
         preference_loss("ipo", policy, reference)
     with pytest.raises(ValueError, match=r"expected policy and reference of shape \(2, batch\)"):
         sigmoid_dpo(torch.zeros(3, 2), torch.zeros(3, 2))

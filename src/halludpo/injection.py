@@ -26,7 +26,7 @@ import torch
 
 from halludpo.models import chat_prompt
 
-MODES = ("replace", "insert", "both")
+MODES = ("replace", "insert", "both", "append")
 
 # ~20 templates in the spirit of APASI's: a sentence opening that names the object and leaves the rest to the model.
 PAPER_TEMPLATES: list[str] = [
@@ -270,15 +270,19 @@ def inject(response: str, objects_of: Callable[[str], set[str]], co_freq: dict[s
     """Plan one rejected response (no model call): which sentences, which action, which object, which template.
 
     mode "replace" (APASI) replaces each selected sentence; "insert" puts the injected sentence after it, keeping
-    it; "both" lets rng pick one of the two for this response. Objects are chosen around the objects of the kept
+    it; "both" lets rng pick one of the two for this response; "append" (extension) adds one injected sentence
+    after the last one, whatever the rate — the extra-object-at-the-end hallucination of list-like descriptions. Objects are chosen around the objects of the kept
     sentences (all sentences not replaced); no kept object, or too few sentences for `rate` -> None. Returns
     {"sentences", "mode", "plan": [{"index", "action", "object", "key_object", "template_prefix"}]}.
     """
     if mode not in MODES:
         raise ValueError(f"unknown injection mode {mode!r}; valid modes: {', '.join(MODES)}")
-    action = rng.choice(["replace", "insert"]) if mode == "both" else mode
+    action = rng.choice(["replace", "insert"]) if mode == "both" else "insert" if mode == "append" else mode
     sentences = split_sentences(response)
-    selected = select_sentences(len(sentences), rate, skip, rng)
+    if mode == "append":
+        selected = [len(sentences) - 1] if len(sentences) > skip else None
+    else:
+        selected = select_sentences(len(sentences), rate, skip, rng)
     if selected is None:
         return None
     replaced = set(selected) if action == "replace" else set()

@@ -66,6 +66,9 @@ def run(cfg: DictConfig) -> None:
     rows, stats = build_apasi_pairs(generations, objects_of, vocabulary, completer, rate=rate, skip=method.skip,
                                     mode=method.mode, templates=templates_for(method.templates, cfg.data.kind),
                                     seed=cfg.seed + k, top_k=method.top_k)
+    if not rows:
+        raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
+                         f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
     out = paths.pairs_jsonl(cfg, k)
     write_jsonl(out, rows)
     write_json(out.with_name("pairs_stats.json"), stats | {"rate": rate, "round": k})

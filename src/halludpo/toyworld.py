@@ -82,9 +82,16 @@ def partner_of(obj: str) -> str | None:
 
 
 def glyph_of(index: int) -> tuple[str, str]:
-    """Category index -> (shape, colour); distinct for every category, partners differ in shape."""
+    """Category index -> (shape, colour): unique for the first len(SHAPES) * 3 categories, and neighbours in the
+    category list (the objects of one scene) differ in both shape and colour.
+
+    colour = (i + 3 * (i // len(SHAPES))) mod 6: categories sharing a shape are 8 apart and get colours s, s+5, s+4.
+    """
     colour_names = list(COLOURS)
-    return SHAPES[index % len(SHAPES)], colour_names[(index // len(SHAPES) + index) % len(colour_names)]
+    if index >= 3 * len(SHAPES):
+        raise ValueError(f"only {3 * len(SHAPES)} distinct glyphs; category index {index}")
+    colour = (index + 3 * (index // len(SHAPES))) % len(colour_names)
+    return SHAPES[index % len(SHAPES)], colour_names[colour]
 
 
 def article(word: str) -> str:

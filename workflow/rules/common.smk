@@ -30,16 +30,25 @@ EXP = Path(CFG.paths.experiment_dir)
 ROUNDS = list(range(CFG.rounds + 1))
 
 
+# The user's overrides reach the stages through these globals, which rule shell commands name as {OVERRIDE_ARGS}
+# etc.: Snakemake formats globals into shell commands but does not track them, so an override changes only the
+# rules whose `params.config` (the config values they depend on) changes. A command in `params` would rerun every
+# rule, the shared toy world and base model included, whenever any override changed.
+OVERRIDE_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES)
+HYDRA_DIR = shlex.quote(f"{RESULTS}/hydra/{CFG.experiment_name}")
+SRC_PATH = shlex.quote(str(SRC.parent))
+
+
 def stage(module, rule_name, **settings):
-    """The shell command that runs a stage as a Hydra app with the user's overrides and this rule's settings."""
-    args = [f"{k}={v}" for k, v in settings.items()]
-    run_dir = f"hydra.run.dir={RESULTS}/hydra/{CFG.experiment_name}/{rule_name}"
-    for k, v in settings.items():
-        run_dir += f"_{k}{v}"
-    words = ["python", "-m", f"halludpo.{module}", *args, *OVERRIDES, run_dir, "hydra.job.chdir=false"]
-    command = " ".join(shlex.quote(w) for w in words)
-    # src/ on the path: the rules run the checkout's code, also inside a conda env without the package
-    return f"PYTHONPATH={shlex.quote(str(SRC.parent))}${{PYTHONPATH:+:$PYTHONPATH}} {command}"
+    """Shell command template that runs a stage as a Hydra app with the user's overrides and this rule's settings.
+
+    Setting values may be wildcards ("{wildcards.k}"); the overrides come from OVERRIDE_ARGS at run time.
+    src/ goes on the path: the rules run the checkout's code, also inside a conda env without the package.
+    """
+    args = " ".join(f"{k}={v}" for k, v in settings.items())
+    run_dir = "{HYDRA_DIR}/" + rule_name + "".join(f"_{k}{v}" for k, v in settings.items())
+    return (f"PYTHONPATH={{SRC_PATH}}${{{{PYTHONPATH:+:$PYTHONPATH}}}} python -m halludpo.{module} {args} "
+            f"{{OVERRIDE_ARGS}} hydra.run.dir={run_dir} hydra.job.chdir=false")
 
 
 def subtree(*keys):

@@ -11,10 +11,9 @@ rule render:
         vocabulary=CFG.data.vocabulary,
     params:
         config=subtree("data"),
-        cmd=stage("data", "render"),
     conda:
         CONDA_ENV
     log:
         RESULTS / "logs" / f"render_{CFG.data.name}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage("data", "render") + " > {log} 2>&1"

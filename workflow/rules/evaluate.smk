@@ -7,13 +7,12 @@ rule pope_questions:
         [str(paths.pope_questions(CFG, s)) for s in CFG.eval.pope.splits],
     params:
         config=subtree("eval.pope", "eval.seed"),
-        cmd=stage("evaluate", "pope_questions", step="questions"),
     conda:
         CONDA_ENV
     log:
         RESULTS / "logs" / f"pope_questions_{CFG.data.name}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage("evaluate", "pope_questions", step="questions") + " > {log} 2>&1"
 
 
 rule evaluate:
@@ -30,7 +29,6 @@ rule evaluate:
     params:
         config=subtree("data.vocabulary", "data.compounds", "data.eval_captions", "eval.chair.text_pipeline",
                        "eval.pope", "eval.batch_size"),
-        cmd=lambda w: stage("evaluate", "evaluate", round=w.k),
     threads: workflow.cores
     conda:
         CONDA_ENV
@@ -39,4 +37,4 @@ rule evaluate:
     benchmark:
         EXP / "benchmarks" / "evaluate_r{k}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} " + stage("evaluate", "evaluate", round="{wildcards.k}") + " > {log} 2>&1"

@@ -16,7 +16,6 @@ rule generate:
         split="eval|gen",
     params:
         config=lambda w: subtree(*GENERATE_CONFIG[w.split]),
-        cmd=lambda w: stage("generate", "generate", round=w.k, split=w.split),
     threads: workflow.cores
     conda:
         CONDA_ENV
@@ -25,4 +24,6 @@ rule generate:
     benchmark:
         EXP / "benchmarks" / "generate_{split}_r{k}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} "
+        + stage("generate", "generate", round="{wildcards.k}", split="{wildcards.split}")
+        + " > {log} 2>&1"

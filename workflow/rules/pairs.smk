@@ -9,7 +9,6 @@ rule inject:
         str(EXP / "round_{k}" / "pairs" / "pairs.jsonl"),
     params:
         config=subtree("method", "data.vocabulary", "data.compounds", "eval.chair.text_pipeline", "seed"),
-        cmd=lambda w: stage("pairs", "inject", round=w.k),
     threads: workflow.cores
     conda:
         CONDA_ENV
@@ -18,4 +17,4 @@ rule inject:
     benchmark:
         EXP / "benchmarks" / "inject_r{k}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} " + stage("pairs", "inject", round="{wildcards.k}") + " > {log} 2>&1"

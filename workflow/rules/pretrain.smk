@@ -7,7 +7,6 @@ rule pretrain_base:
         config=str(paths.model_marker(CFG, 0)),
     params:
         config=subtree("data", "model"),
-        cmd=stage("pretrain", "pretrain_base"),
     threads: workflow.cores
     conda:
         CONDA_ENV
@@ -16,4 +15,4 @@ rule pretrain_base:
     benchmark:
         RESULTS / "benchmarks" / f"pretrain_base_{CFG.model.name}_{CFG.data.name}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} " + stage("pretrain", "pretrain_base") + " > {log} 2>&1"

@@ -11,10 +11,9 @@ rule summarize:
         plot=str(paths.rounds_plot(CFG)),
     params:
         config=subtree("experiment_name", "rounds", "tracking"),
-        cmd=stage("report", "summarize"),
     conda:
         CONDA_ENV
     log:
         EXP / "logs" / "summarize.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage("report", "summarize") + " > {log} 2>&1"

@@ -8,7 +8,6 @@ rule reference_logps:
         str(EXP / "round_{k}" / "pairs" / "ref_logps.jsonl"),
     params:
         config=subtree("train.max_length", "train.ref_batch_size"),
-        cmd=lambda w: stage("train", "reference_logps", round=w.k, step="reference"),
     threads: workflow.cores
     conda:
         CONDA_ENV
@@ -17,7 +16,9 @@ rule reference_logps:
     benchmark:
         EXP / "benchmarks" / "reference_logps_r{k}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} "
+        + stage("train", "reference_logps", round="{wildcards.k}", step="reference")
+        + " > {log} 2>&1"
 
 
 rule dpo:
@@ -32,7 +33,6 @@ rule dpo:
         stats=str(EXP / "round_{k}" / "train" / "train_stats.json"),
     params:
         config=subtree("train"),
-        cmd=lambda w: stage("train", "dpo", round=w.k, step="dpo"),
     threads: workflow.cores
     conda:
         CONDA_ENV
@@ -41,7 +41,7 @@ rule dpo:
     benchmark:
         EXP / "benchmarks" / "dpo_r{k}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} " + stage("train", "dpo", round="{wildcards.k}", step="dpo") + " > {log} 2>&1"
 
 
 rule merge:
@@ -52,11 +52,9 @@ rule merge:
         model=model_marker,
     output:
         str(EXP / "round_{k}" / "merged" / "config.json"),
-    params:
-        cmd=lambda w: stage("train", "merge", round=w.k, step="merge"),
     conda:
         CONDA_ENV
     log:
         EXP / "logs" / "merge_r{k}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage("train", "merge", round="{wildcards.k}", step="merge") + " > {log} 2>&1"

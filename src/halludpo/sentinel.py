@@ -1,0 +1,334 @@
+"""SENTINEL: sentence-level preference pairs from the model's own sampled sentences, verified object by object.
+
+For each image the description grows sentence by sentence. At each step the model samples n one-sentence
+continuations of (image, question, context); every object a sentence mentions is checked by TWO verifiers
+(factual when both see it, hallucinated when both do not, uncertain when they disagree); a factual sentence that
+shares an object with the context becomes a preferred continuation y_win, a hallucinated sentence of the same step a
+dispreferred one y_lose. The context then grows by one sentence (a factual one with new objects if possible) and
+the next step starts, until more than half of the samples are empty (the model wants to stop) or a step cap.
+
+Everything here is pure: the model (sample_fn) and the verifiers (decide_fn) are functions passed in, and choices
+are drawn from a random.Random seeded per item from (seed, image_id), so results do not depend on batching.
+Objects are found with the CHAIR text pipeline of halludpo.metrics (synonyms, compounds, lemmas); the original
+also adds a scene-graph parser's concrete nouns, which a closed vocabulary makes unnecessary here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from halludpo.metrics.chair import ChairScorer
+
+SENTENCE_ENDS = ".!?"
+CONTEXT_SEPARATOR = " "
+
+FACTUAL, HALLUCINATED, UNCERTAIN, NO_OBJECTS = "factual", "hallucinated", "uncertain", "no_objects"
+
+# How the context grew at a step, in the order the rule tries them.
+GROW_NEW_OBJECTS, GROW_COHERENT, GROW_ANY = "factual_new_objects", "factual_coherent", "any"
+
+# sample_fn(batch of (item, context)) -> n raw one-sentence continuations per entry.
+SampleFn = Callable[[list[tuple[Any, str]]], list[list[str]]]
+# decide_fn(batch of (item, objects)) -> per entry {object: (verifier A says present, verifier B says present)}.
+DecideFn = Callable[[list[tuple[Any, list[str]]]], list[dict[str, tuple[bool, bool]]]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling control
+
+
+def cut_at_sentence_end(text: str) -> str:
+    """text up to and including its first '.', '!' or '?' (the whole text when there is none): what one sampled
+    continuation keeps when generation ran past the first sentence end."""
+    ends = [i for i in (text.find(c) for c in SENTENCE_ENDS) if i >= 0]
+    return text[: min(ends) + 1] if ends else text
+
+
+def count_empty(samples: Iterable[str]) -> int:
+    """Samples that are empty after stripping whitespace (the model emitted EOS at once)."""
+    return sum(not s.strip() for s in samples)
+
+
+def is_finished(samples: Sequence[str], n: int) -> bool:
+    """Finished when MORE than half of the n samples are empty: 2 * n_empty > n (exactly half is not finished)."""
+    return 2 * count_empty(samples) > n
+
+
+def clean_samples(samples: Iterable[str]) -> list[str]:
+    """Strip each sample, drop the empty ones and the duplicates (first occurrence kept, order kept)."""
+    seen: set[str] = set()
+    kept = []
+    for sample in samples:
+        text = sample.strip()
+        if text and text not in seen:
+            seen.add(text)
+            kept.append(text)
+    return kept
+
+
+def append_sentence(context: str, sentence: str) -> str:
+    """context + CONTEXT_SEPARATOR + sentence (just the sentence when the context is empty)."""
+    return f"{context}{CONTEXT_SEPARATOR}{sentence}" if context else sentence
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Objects of a sentence (CHAIR pipeline)
+
+
+def sentence_objects(scorer: ChairScorer, sentence: str) -> list[str]:
+    """Distinct CHAIR categories mentioned in the sentence, in order of first mention. Build the scorer as the
+    evaluation does (halludpo.evaluate.chair_scorer: same vocabulary, compounds and text pipeline), so pairs and
+    CHAIR count objects identically."""
+    return list(dict.fromkeys(scorer.categories(sentence)))
+
+
+def object_extractor(scorer: ChairScorer) -> Callable[[str], list[str]]:
+    """sentence -> sentence_objects(scorer, sentence), the objects_of argument of sample_contexts."""
+    return lambda sentence: sentence_objects(scorer, sentence)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification and labels
+
+
+def cross_check(present_a: bool, present_b: bool) -> str:
+    """Two verifiers' decisions -> verdict: both yes -> factual; both no -> hallucinated; disagree -> uncertain."""
+    if present_a and present_b:
+        return FACTUAL
+    if not present_a and not present_b:
+        return HALLUCINATED
+    return UNCERTAIN
+
+
+def sentence_label(verdicts: Sequence[str]) -> str:
+    """Verdicts of a sentence's objects -> label:
+    hallucinated = >= 1 hallucinated object;
+    factual      = >= 1 object, none hallucinated, none uncertain;
+    uncertain    = >= 1 uncertain object, none hallucinated;
+    no_objects   = no object. Only factual and hallucinated sentences enter pairs."""
+    if not verdicts:
+        return NO_OBJECTS
+    if HALLUCINATED in verdicts:
+        return HALLUCINATED
+    if all(v == FACTUAL for v in verdicts):
+        return FACTUAL
+    return UNCERTAIN
+
+
+def judge_sentence(text: str, objects: Sequence[str], decisions: Mapping[str, tuple[bool, bool]]) -> dict:
+    """{"text", "objects", "decisions" {object: [a, b]}, "verdicts" {object: verdict}, "label"} of one sentence."""
+    verdicts = {o: cross_check(*decisions[o]) for o in objects}
+    return {"text": text, "objects": list(objects), "decisions": {o: list(decisions[o]) for o in objects},
+            "verdicts": verdicts, "label": sentence_label(list(verdicts.values()))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairs and context growth
+
+
+def is_context_coherent(objects: Iterable[str], context_objects: Iterable[str]) -> bool:
+    """Context-coherent = shares >= 1 object with the context."""
+    return bool(set(objects) & set(context_objects))
+
+
+def introduces_new_objects(objects: Iterable[str], context_objects: Iterable[str]) -> bool:
+    """Has >= 1 object the context does not mention."""
+    return bool(set(objects) - set(context_objects))
+
+
+def win_indices(sentences: Sequence[dict], context_objects: Iterable[str]) -> list[int]:
+    """y_win candidates, in sample order: factual AND context-coherent sentences."""
+    context_objects = set(context_objects)
+    return [i for i, s in enumerate(sentences)
+            if s["label"] == FACTUAL and is_context_coherent(s["objects"], context_objects)]
+
+
+def lose_indices(sentences: Sequence[dict]) -> list[int]:
+    """y_lose candidates, in sample order: hallucinated sentences."""
+    return [i for i, s in enumerate(sentences) if s["label"] == HALLUCINATED]
+
+
+def step_pairs(sentences: Sequence[dict], context_objects: Iterable[str]) -> list[tuple[int, int]]:
+    """(win, lose) index pairs of one step: zip of win_indices and lose_indices, min(#win, #lose) pairs. An empty
+    context has no objects, so the first sentence never yields a pair."""
+    return list(zip(win_indices(sentences, context_objects), lose_indices(sentences)))
+
+
+def choose_next_sentence(sentences: Sequence[dict], context_objects: Iterable[str],
+                         rng: random.Random) -> tuple[int, str] | None:
+    """(index, rule) of the sentence appended to the context; rng.choice within the first non-empty group of:
+    1. factual sentences that introduce new objects        (rule "factual_new_objects")
+    2. factual context-coherent sentences                  (rule "factual_coherent")
+    3. any sentence                                        (rule "any")
+    None when there is no sentence at all."""
+    context_objects = set(context_objects)
+    factual = [i for i, s in enumerate(sentences) if s["label"] == FACTUAL]
+    groups = [
+        (GROW_NEW_OBJECTS, [i for i in factual if introduces_new_objects(sentences[i]["objects"], context_objects)]),
+        (GROW_COHERENT, [i for i in factual if is_context_coherent(sentences[i]["objects"], context_objects)]),
+        (GROW_ANY, list(range(len(sentences)))),
+    ]
+    for rule, candidates in groups:
+        if candidates:
+            return rng.choice(candidates), rule
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sentence-by-sentence driver
+
+
+def _batched(fn: Callable[[list], list], inputs: list, batch_size: int | None) -> list:
+    """fn over consecutive chunks of at most batch_size inputs (all at once when None); outputs concatenated."""
+    size = batch_size or max(len(inputs), 1)
+    outputs: list = []
+    for start in range(0, len(inputs), size):
+        chunk = inputs[start: start + size]
+        result = list(fn(chunk))
+        if len(result) != len(chunk):
+            raise ValueError(f"{getattr(fn, '__name__', fn)} returned {len(result)} results for {len(chunk)} inputs")
+        outputs.extend(result)
+    return outputs
+
+
+def item_rngs(items: Sequence[Mapping], seed: int) -> list[random.Random]:
+    """One random.Random per item, seeded with f"{seed}/{image_id}/{k}" (k = how many earlier items had that
+    image_id), as the APASI pairs are: independent of batching and of the other items."""
+    seen: Counter = Counter()
+    rngs = []
+    for item in items:
+        rngs.append(random.Random(f"{seed}/{item['image_id']}/{seen[item['image_id']]}"))
+        seen[item["image_id"]] += 1
+    return rngs
+
+
+class _Trajectory:
+    """The growing description of one item."""
+
+    def __init__(self, item: Mapping, rng: random.Random) -> None:
+        self.item, self.rng = item, rng
+        self.context, self.context_objects = "", []
+        self.steps: list[dict] = []
+        self.decisions: dict[str, tuple[bool, bool]] = {}  # verifiers are deterministic per image: ask once
+        self.stopped: str | None = None
+
+    def record(self) -> dict:
+        return {"item": dict(self.item), "steps": self.steps, "stopped": self.stopped or "max_steps",
+                "description": self.context}
+
+
+def _decide_new_objects(decide_fn: DecideFn, trajectories: list[_Trajectory], objects: list[list[list[str]]],
+                        batch_size: int | None) -> None:
+    """Ask decide_fn about the objects (per trajectory, per sentence) each trajectory has not had decided yet;
+    cache the answers."""
+    asks = []
+    for traj, per_sentence in zip(trajectories, objects):
+        new = [o for o in dict.fromkeys(o for objs in per_sentence for o in objs) if o not in traj.decisions]
+        if new:
+            asks.append((traj, new))
+    answers = _batched(decide_fn, [(traj.item, new) for traj, new in asks], batch_size) if asks else []
+    for (traj, new), answer in zip(asks, answers):
+        for o in new:
+            a, b = answer[o]
+            traj.decisions[o] = (bool(a), bool(b))
+
+
+def _grow(traj: _Trajectory, step: int, samples: list[str], objects: list[list[str]], n: int) -> None:
+    """Judge the step's sentences, record the step, append the chosen sentence to the context."""
+    sentences = [judge_sentence(text, objs, traj.decisions) for text, objs in zip(samples, objects)]
+    index, rule = choose_next_sentence(sentences, traj.context_objects, traj.rng)
+    appended = sentences[index]
+    traj.steps.append({"step": step, "context": traj.context, "context_objects": list(traj.context_objects),
+                       "n_samples": n, "sentences": sentences, "appended": index, "growth": rule})
+    traj.context = append_sentence(traj.context, appended["text"])
+    traj.context_objects = list(dict.fromkeys([*traj.context_objects, *appended["objects"]]))
+
+
+def sample_contexts(sample_fn: SampleFn, items: Sequence[Mapping], n: int, max_steps: int,
+                    objects_of: Callable[[str], list[str]], decide_fn: DecideFn, seed: int,
+                    batch_size: int | None = None) -> list[dict]:
+    """Grow every item's description sentence by sentence; returns one trajectory per item, in item order:
+    {"item", "steps": [step record], "stopped": "finished" | "max_steps", "description": final context}.
+
+    Each step, for all still-active items together (chunks of batch_size):
+      samples = sample_fn([(item, context), ...])[i]  (exactly n raw continuations, one sentence each);
+      is_finished(samples, n) -> the item stops (no record for that step);
+      else sentences = clean_samples(samples), objects = objects_of(sentence), each new object decided by
+      decide_fn (two verifiers), labelled (judge_sentence), and choose_next_sentence appends one to the context.
+    An item samples at most max_steps times. Items are mappings with at least "image_id" (the rng key).
+    Step record: {"step", "context", "context_objects", "n_samples", "sentences": [judge_sentence dicts],
+    "appended": index into sentences, "growth": the rule that chose it}.
+    """
+    trajectories = [_Trajectory(item, rng) for item, rng in zip(items, item_rngs(items, seed))]
+    for step in range(max_steps):
+        active = [t for t in trajectories if t.stopped is None]
+        if not active:
+            break
+        raw = _batched(sample_fn, [(t.item, t.context) for t in active], batch_size)
+        growing, kept = [], []
+        for traj, samples in zip(active, raw):
+            if len(samples) != n:
+                raise ValueError(f"sample_fn returned {len(samples)} samples, expected n={n}")
+            if is_finished(samples, n):
+                traj.stopped = "finished"
+            else:
+                growing.append(traj)
+                kept.append(clean_samples(samples))
+        objects = [[objects_of(text) for text in texts] for texts in kept]
+        _decide_new_objects(decide_fn, growing, objects, batch_size)
+        for traj, texts, objs in zip(growing, kept, objects):
+            _grow(traj, step, texts, objs, n)
+    return [t.record() for t in trajectories]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairs (pairs.jsonl rows)
+
+
+def pair_row(item: Mapping, step: dict, win: int, lose: int, is_last_sent: bool) -> dict:
+    """One pairs.jsonl row (DESIGN contract): prompt = the question, context = the description so far,
+    chosen = y_win, rejected = y_lose; the training response is context + CONTEXT_SEPARATOR + chosen/rejected."""
+    chosen, rejected = step["sentences"][win], step["sentences"][lose]
+    hallucinated = [o for o, v in rejected["verdicts"].items() if v == HALLUCINATED]
+    return {
+        "image_id": item["image_id"], "image_path": item["image_path"], "prompt": item["prompt"],
+        "context": step["context"], "chosen": chosen["text"], "rejected": rejected["text"], "method": "sentinel",
+        "meta": {
+            "step": step["step"], "type": "context_coherent", "is_last_sent": is_last_sent,
+            "context_objects": step["context_objects"],
+            "chosen_objects": chosen["objects"], "chosen_verdicts": chosen["verdicts"],
+            "rejected_objects": rejected["objects"], "rejected_verdicts": rejected["verdicts"],
+            "rejected_hallucinated_objects": hallucinated,
+            "labels": [s["label"] for s in step["sentences"]], "n_samples": step["n_samples"],
+            "generator_model": item.get("model"), "round": item.get("round"),
+        },
+    }
+
+
+def build_sentinel_pairs(trajectories: Sequence[dict]) -> tuple[list[dict], dict]:
+    """pairs.jsonl rows from sample_contexts trajectories, and counts. Every step contributes step_pairs;
+    meta.is_last_sent = the step is the last one of a description that finished (not cut by max_steps).
+    Stats: images, steps, finished, capped, sentences per label, growth per rule, pairs, steps_with_pairs."""
+    rows: list[dict] = []
+    labels: Counter = Counter()
+    growth: Counter = Counter()
+    steps_with_pairs = 0
+    for traj in trajectories:
+        last = len(traj["steps"]) - 1
+        for k, step in enumerate(traj["steps"]):
+            labels.update(s["label"] for s in step["sentences"])
+            growth[step["growth"]] += 1
+            pairs = step_pairs(step["sentences"], step["context_objects"])
+            steps_with_pairs += bool(pairs)
+            is_last = k == last and traj["stopped"] == "finished"
+            rows.extend(pair_row(traj["item"], step, win, lose, is_last) for win, lose in pairs)
+    stats = {"images": len(trajectories), "steps": sum(len(t["steps"]) for t in trajectories),
+             "finished": sum(t["stopped"] == "finished" for t in trajectories),
+             "capped": sum(t["stopped"] == "max_steps" for t in trajectories),
+             "sentences": {label: labels[label] for label in (FACTUAL, HALLUCINATED, UNCERTAIN, NO_OBJECTS)},
+             "growth": {rule: growth[rule] for rule in (GROW_NEW_OBJECTS, GROW_COHERENT, GROW_ANY)},
+             "pairs": len(rows), "steps_with_pairs": steps_with_pairs}
+    return rows, stats

@@ -1,0 +1,323 @@
+"""halludpo.download against a real HTTP server on 127.0.0.1 serving archives built here: nothing leaves the machine."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from halludpo.download import (ChecksumError, DownloadInterrupted, EntryError, check_entry, fetch, fetch_all,
+                               marker_path, marker_paths, partial_path, requested_names, run, select_entries)
+
+FILES = {"data/a.txt": b"alpha\n" * 50, "data/sub/b.txt": b"beta\n" * 70}
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves `files` by URL path; honours `Range: bytes=N-`; `cut_after` bytes then hangs up, once."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), RangeHandler)
+        self.files: dict[str, bytes] = {}
+        self.cut_after: int | None = None
+        self.ignore_range = False
+        self.fail_once: int | None = None
+        self.requests: list[tuple[str, str | None]] = []
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{path}"
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        server = self.server
+        name = self.path.lstrip("/")
+        server.requests.append((name, self.headers.get("Range")))
+        body = server.files.get(name)
+        if server.fail_once:
+            self.send_error(server.fail_once)
+            server.fail_once = None
+            return
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range") and not server.ignore_range:
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if server.cut_after is not None:
+            self.wfile.write(body[start:start + server.cut_after])
+            server.cut_after = None
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = FileServer()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def zip_bytes() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in FILES.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def tar_gz_bytes() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in FILES.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def entry(server, name, body, filename, extract=None, known_hash=None):
+    server.files[filename] = body
+    return {"name": name, "url": server.url(filename), "sha256": known_hash or sha256(body),
+            "filename": filename, "extract": extract}
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(("kind", "build", "filename"), [("zip", zip_bytes, "set/a.zip"),
+                                                        ("tar", tar_gz_bytes, "set/b.tar.gz")])
+def test_download_extract_and_checksum(server, tmp_path, kind, build, filename):
+    body = build()
+    e = entry(server, "set", body, filename, extract=kind)
+    folder = fetch(e, tmp_path, progress=False)
+    assert folder == tmp_path / "set"
+    for name, data in FILES.items():
+        assert (folder / name).read_bytes() == data
+    assert (tmp_path / filename).read_bytes() == body  # archive kept, so a rerun can check it
+    assert not partial_path(tmp_path / filename).exists()
+    # a rerun finds the file with the right checksum: no request, nothing unpacked again
+    (folder / "data" / "a.txt").write_bytes(b"edited")
+    n = len(server.requests)
+    assert fetch(e, tmp_path, progress=False) == folder
+    assert len(server.requests) == n
+    assert (folder / "data" / "a.txt").read_bytes() == FILES["data/a.txt"]  # short file -> extracted again
+
+
+def test_md5_known_hash_and_plain_file(server, tmp_path):
+    body = b"x" * 1000
+    e = entry(server, "plain", body, "p/x.bin", known_hash="md5:" + hashlib.md5(body).hexdigest())
+    assert fetch(e, tmp_path).read_bytes() == body  # with its progress bar
+
+
+def test_resume_after_interrupted_transfer(server, tmp_path):
+    body = os.urandom(200_000)
+    e = entry(server, "big", body, "big/file.bin")
+    server.cut_after = 50_000
+    with pytest.raises(DownloadInterrupted, match="run again to resume"):
+        fetch(e, tmp_path, progress=False)
+    part = partial_path(tmp_path / "big/file.bin")
+    assert part.stat().st_size == 50_000 and not (tmp_path / "big/file.bin").exists()
+
+    path = fetch(e, tmp_path, progress=False)
+    assert server.requests[-1] == ("big/file.bin", "bytes=50000-")
+    assert path.read_bytes() == body
+    assert files_under(tmp_path) == ["big/file.bin"]
+
+
+def test_retries_resume_within_one_call(server, tmp_path, monkeypatch):
+    monkeypatch.setattr("halludpo.download.time.sleep", lambda s: None)
+    body = os.urandom(100_000)
+    e = entry(server, "big", body, "f.bin")
+    server.cut_after = 30_000
+    assert fetch(e, tmp_path, progress=False, retries=1).read_bytes() == body
+    assert [r for _, r in server.requests] == [None, "bytes=30000-"]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    body = os.urandom(80_000)
+    e = entry(server, "big", body, "f.bin")
+    server.cut_after = 20_000
+    with pytest.raises(DownloadInterrupted):
+        fetch(e, tmp_path, progress=False)
+    server.ignore_range = True
+    assert fetch(e, tmp_path, progress=False).read_bytes() == body
+
+
+def test_whole_partial_is_kept_on_416(server, tmp_path):
+    body = b"complete" * 100
+    e = entry(server, "f", body, "f.bin")
+    partial_path(tmp_path / "f.bin").write_bytes(body)  # a try that died after the last byte
+    assert fetch(e, tmp_path, progress=False).read_bytes() == body
+    assert server.requests == [("f.bin", f"bytes={len(body)}-")]
+
+
+def test_checksum_mismatch_names_file_and_hashes_and_leaves_nothing(server, tmp_path):
+    body = b"the real bytes" * 100
+    wrong = "0" * 64
+    e = entry(server, "bad", body, "bad/file.bin", extract=None, known_hash=wrong)
+    with pytest.raises(ChecksumError) as err:
+        fetch(e, tmp_path, progress=False)
+    message = str(err.value)
+    assert "file.bin" in message and wrong in message and sha256(body) in message
+    assert files_under(tmp_path) == []
+
+
+def test_checksum_mismatch_after_resume_deletes_the_partial(server, tmp_path):
+    body = os.urandom(60_000)
+    e = entry(server, "bad", body, "bad.bin", known_hash="1" * 64)
+    server.cut_after = 10_000
+    with pytest.raises(DownloadInterrupted):
+        fetch(e, tmp_path, progress=False)
+    with pytest.raises(ChecksumError):
+        fetch(e, tmp_path, progress=False)
+    assert files_under(tmp_path) == []
+
+
+def test_offline_root_verifies_without_any_request(server, tmp_path):
+    body = zip_bytes()
+    e = entry(server, "mine", body, "coco/mine.zip", extract="zip")
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco/mine.zip").write_bytes(body)
+    folder = fetch(e, tmp_path, progress=False, offline=True)
+    assert (folder / "data/sub/b.txt").read_bytes() == FILES["data/sub/b.txt"]
+    assert server.requests == []
+
+
+def test_offline_mismatch_and_missing_file(server, tmp_path):
+    e = entry(server, "mine", b"expected", "mine.bin")
+    (tmp_path / "mine.bin").write_bytes(b"something else")
+    with pytest.raises(ChecksumError, match=f"expected {sha256(b'expected')}, got {sha256(b'something else')}"):
+        fetch(e, tmp_path, offline=True)
+    assert files_under(tmp_path) == ["mine.bin"]  # a user's own file is reported, never deleted
+    with pytest.raises(FileNotFoundError, match="offline"):
+        fetch({**e, "filename": "absent.bin"}, tmp_path, offline=True)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("known_hash", [None, "TO-VERIFY", "to-verify"])
+def test_null_or_unverified_checksum_is_refused_before_any_request(server, tmp_path, known_hash):
+    good = entry(server, "good", b"ok", "good.bin")
+    bad = {**entry(server, "bad", b"??", "bad.bin"), "sha256": known_hash}
+    with pytest.raises(EntryError, match="bad") as err:
+        fetch_all([good, bad], tmp_path, progress=False)
+    if known_hash:
+        assert "sha256sum" in str(err.value) and "download.entries.bad.sha256" in str(err.value)
+    assert server.requests == [] and files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize(("change", "words"), [({"sha256": "abc"}, "wrong length"),
+                                               ({"sha256": "md5:" + "a" * 64}, "wrong length"),
+                                               ({"extract": "rar"}, "extract"),
+                                               ({"filename": "../up.bin"}, "relative"),
+                                               ({"url": None, "sha256": "a" * 64}, None)])
+def test_malformed_entries(change, words):
+    e = {"name": "e", "url": "http://127.0.0.1/x", "sha256": "a" * 64, "filename": "x", "extract": None, **change}
+    if words is None:
+        check_entry(e)
+        return
+    with pytest.raises(EntryError, match=words):
+        check_entry(e)
+
+
+def test_http_error_is_final(server, tmp_path):
+    e = {"name": "gone", "url": server.url("nothing-here"), "sha256": "a" * 64, "filename": "g.bin",
+         "extract": None}
+    with pytest.raises(OSError, match="HTTP 404"):
+        fetch(e, tmp_path, progress=False, retries=3)
+    assert len(server.requests) == 1
+
+
+def test_server_error_is_retried(server, tmp_path, monkeypatch):
+    monkeypatch.setattr("halludpo.download.time.sleep", lambda s: None)
+    e = entry(server, "busy", b"data" * 10, "busy.bin")
+    server.fail_once = 503
+    assert fetch(e, tmp_path, progress=False, retries=1).read_bytes() == b"data" * 10
+    assert len(server.requests) == 2
+
+
+def test_select_entries_expands_bundles():
+    entries = {"a": {"url": "u"}, "b": {"url": "v"}, "c": {"url": "w"}}
+    bundles = {"ab": ["a", "b"]}
+    assert [e["name"] for e in select_entries(entries, bundles, ["ab", "a", "c"])] == ["a", "b", "c"]
+    assert [e["name"] for e in select_entries(entries, bundles)] == ["a", "b", "c"]
+    with pytest.raises(EntryError, match="unknown download"):
+        select_entries(entries, bundles, ["zz"])
+
+
+def test_shipped_config_entries():
+    """Every entry of configs/download/default.yaml is well formed; only TO-VERIFY ones are refused."""
+    from halludpo.config import compose, to_plain
+
+    dl = compose(["+download=default"]).download
+    entries = select_entries(to_plain(dl.entries), to_plain(dl.bundles))
+    for bundle in dl.bundles:
+        select_entries(to_plain(dl.entries), to_plain(dl.bundles), [bundle])
+    verified = []
+    for e in entries:
+        assert e["url"].startswith(("http://", "https://")), e
+        if e["sha256"] == "TO-VERIFY":
+            with pytest.raises(EntryError, match="TO-VERIFY"):
+                check_entry(e)
+        else:
+            check_entry(e)
+            verified.append(e["name"])
+    assert verified == ["coco2014_val_images", "coco2014_annotations", "coco2017_train_images",
+                        "vg_images_part1", "vg_images_part2"]
+
+
+def test_marker_paths_and_requested_names():
+    dl = OmegaConf.create({"done_dir": "d", "bundles": {"ab": ["a", "b"]},
+                           "entries": {"a": {"url": "u"}, "b": {"url": "v"}}})
+    assert marker_paths(dl, ["ab"]) == ["d/a.json", "d/b.json"]
+    assert requested_names("a") == ["a"] and requested_names(OmegaConf.create(["a", "b"])) == ["a", "b"]
+    assert requested_names(None) == [] and requested_names([]) == []
+
+
+def test_run_fetches_names_and_writes_markers(server, tmp_path):
+    body = zip_bytes()
+    e = entry(server, "z", body, "z/z.zip", extract="zip")
+    entries = {"z": {k: v for k, v in e.items() if k != "name"},
+               "other": {"url": server.url("o"), "sha256": "TO-VERIFY", "filename": "o", "extract": None}}
+    cfg = OmegaConf.create({"download": {"root": str(tmp_path / "data"), "done_dir": str(tmp_path / "done"),
+                                         "offline": False, "progress": False, "retries": 0, "names": ["zz"],
+                                         "bundles": {"zz": ["z"]}, "entries": entries}})
+    run(cfg)
+    marker = marker_path(tmp_path / "done", "z")
+    assert OmegaConf.load(marker).path == str(tmp_path / "data" / "z")
+    assert (tmp_path / "data/z/data/a.txt").read_bytes() == FILES["data/a.txt"]

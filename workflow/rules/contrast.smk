@@ -1,0 +1,1 @@
+# Image-contrast stage for mDPO / SymMPO (placeholder until the rule lands).

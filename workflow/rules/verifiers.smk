@@ -1,0 +1,1 @@
+# Object verifiers for SENTINEL (placeholder until the rule lands).
