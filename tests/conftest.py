@@ -36,3 +36,30 @@ def tiny_model_dir(tiny_world, tmp_path_factory):
                     max_length=120)
     pretrain_toy(examples, tiny_world / "train" / "images", out, TINY_ARCH, pretrain, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The default DAG (toy_apasi, base + 1 round) on test_pipeline's TINY config through real Snakemake, run once:
+    (workdir, dry-run output of the first plan)."""
+    from tests.test_pipeline import snakemake
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    dry = snakemake(workdir, "-n")
+    assert dry.returncode == 0, dry.stderr
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, dry.stdout + dry.stderr
+
+
+@pytest.fixture
+def workdir_with_tiny_base(tiny_pipeline, tmp_path):
+    """A fresh Snakemake workdir holding a copy of the tiny pipeline's toy world and model_0: other experiments'
+    end-to-end tests run only their own rules. copytree keeps mtimes and no provenance is copied, so Snakemake
+    sees the shared files as up to date."""
+    import shutil
+
+    base, _ = tiny_pipeline
+    for shared in ("data", "models"):
+        shutil.copytree(base / "results" / shared, tmp_path / "results" / shared)
+    return tmp_path

@@ -284,7 +284,7 @@ def test_shipped_config_entries():
     """Every entry of configs/download/default.yaml is well formed; only TO-VERIFY ones are refused."""
     from halludpo.config import compose, to_plain
 
-    dl = compose(["+download=default"]).download
+    dl = compose([]).download
     entries = select_entries(to_plain(dl.entries), to_plain(dl.bundles))
     for bundle in dl.bundles:
         select_entries(to_plain(dl.entries), to_plain(dl.bundles), [bundle])

@@ -30,7 +30,7 @@ def test_every_rule_names_an_existing_conda_env():
         text = smk.read_text()
         if "rule " not in text:
             continue
-        assert text.count("conda:") == len(re.findall(r"^rule \w+:", text, flags=re.M)), smk.name
+        assert text.count("conda:") == len(re.findall(r"^\s*rule \w+:", text, flags=re.M)), smk.name
     assert (ROOT / "workflow" / "rules" / "../../envs/halludpo.yaml").resolve().is_file()
 
 

@@ -31,13 +31,8 @@ def snakemake(workdir: Path, *args: str, overrides=TINY) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pipeline")
-    dry = snakemake(workdir, "-n")
-    assert dry.returncode == 0, dry.stderr
-    result = snakemake(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, dry.stdout + dry.stderr
+def pipeline_dir(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.mark.slow

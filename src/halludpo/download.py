@@ -2,7 +2,6 @@
 
     python -m halludpo.download download.names=[coco2014_val]           # an entry or a bundle of configs/download/
     python -m halludpo.download download.names=[pope_coco] download.offline=true download.root=/data/public
-    # until configs/config.yaml lists the group, add `+download=default` to these commands
 
 An entry is {name, url, sha256, filename, extract}: `sha256` is a hex SHA256 or pooch's `alg:hex` form
 ("md5:..."); `filename` is relative to the root; `extract` is null, zip or tar (unpacked beside the archive).

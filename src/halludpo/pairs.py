@@ -1,6 +1,11 @@
-"""Stage `pairs` (rule inject for APASI): round k's preference pairs from model_k's own descriptions.
+"""Stage `pairs`: round k's preference pairs from model_k's own outputs.
 
-    python -m halludpo.pairs round=0
+    python -m halludpo.pairs round=0                                   # method=apasi (rule inject) or sentinel
+    python -m halludpo.pairs round=0 method=apasi_sentinel step=sentinel   # one method of a mix; then step=mix
+
+APASI (rule inject) injects hallucinations into model_k's descriptions; SENTINEL (rule sentinel) samples sentences
+and keeps pairs at the first hallucinated sentence with its context; a mixed method concatenates both (rule
+mix_pairs, halludpo.mixing).
 
 Writes pairs.jsonl: {image_id, image_path, prompt, context, chosen, rejected, method, meta{...}} (DESIGN.md).
 """
@@ -8,15 +13,19 @@ Writes pairs.jsonl: {image_id, image_path, prompt, context, chosen, rejected, me
 from __future__ import annotations
 
 import logging
+import random
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from halludpo import paths
-from halludpo.config import stage_main
+from halludpo.config import stage_main, to_plain
+from halludpo.generate import select_images
 from halludpo.injection import PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter, build_apasi_pairs
-from halludpo.io import InputError, read_jsonl, write_json, write_jsonl
+from halludpo.io import InputError, read_json, read_jsonl, write_json, write_jsonl
 from halludpo.metrics.chair import ChairScorer, load_synonyms
 from halludpo.metrics.text import get_text_pipeline
+from halludpo.mixing import method_settings, mix_pairs, pair_methods
 from halludpo.models import load_model_and_processor
 
 log = logging.getLogger(__name__)
@@ -46,11 +55,8 @@ def object_finder(vocabulary_path: str, text_pipeline: str):
     return lambda text: set(scorer.categories(text)), sorted(set(synonyms.values()))
 
 
-def run(cfg: DictConfig) -> None:
-    k = cfg.round
-    method = cfg.method
-    if method.name != "apasi":
-        raise ValueError(f"method.name={method.name!r}: the pairs stage implements apasi so far")
+def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
+    """APASI (rule inject): injected hallucinations in model_k's own descriptions of round k's gen split."""
     source = paths.gen_generations(cfg, k)
     generations = read_jsonl(source, required=GENERATION_FIELDS)
     if not generations:
@@ -69,11 +75,113 @@ def run(cfg: DictConfig) -> None:
     if not rows:
         raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
                          f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
-    out = paths.pairs_jsonl(cfg, k)
     write_jsonl(out, rows)
     write_json(out.with_name("pairs_stats.json"), stats | {"rate": rate, "round": k})
-    log.info("round %d: %d pairs from %d descriptions (rate %.2f, mode %s) -> %s", k, len(rows),
+    log.info("round %d: %d APASI pairs from %d descriptions (rate %.2f, mode %s) -> %s", k, len(rows),
              len(generations), rate, method.mode, out)
+    return stats
+
+
+def sentinel_items(method, k: int, seed: int, model_name: str) -> list[dict]:
+    """The images SENTINEL describes in round k: method.instances (a seeded sample of method.n_images, new each
+    round, as generate's gen split), each with a question drawn from method.prompts."""
+    images = select_images(method.instances, method.n_images, seed)
+    prompts = list(method.prompts)
+    if not prompts:
+        raise ValueError("method.prompts is empty")
+    rng = random.Random(f"{seed}/prompts")
+    return [{"image_id": im["id"], "image_path": str(Path(method.images_dir) / im["file_name"]),
+             "prompt": prompts[0] if len(prompts) == 1 else rng.choice(prompts), "model": model_name, "round": k}
+            for im in images]
+
+
+def sentinel_decide_fn(cfg: DictConfig, method):
+    """The two verifiers' decide_fn: the trained verifiers of rule train_verifiers, or with verifier.oracle the
+    annotation oracle of method.instances twice (ablation)."""
+    from halludpo import verifiers
+
+    v = cfg.verifier
+    if v.kind != "toy":
+        raise ValueError(f"verifier.kind={v.kind!r}: open-vocabulary detectors (configs/verifier/detector.yaml) are "
+                         "not implemented yet; use verifier=toy")
+    thresholds = list(v.thresholds)
+    if v.oracle:
+        if not read_json(method.instances).get("annotations"):
+            raise InputError(f"{method.instances}: no annotations, so verifier.oracle=true (ablation) cannot read "
+                             "the ground truth; point method.instances/method.images_dir at an annotated split")
+        oracle = verifiers.AnnotationOracleVerifier(method.instances)
+        log.warning("ABLATION verifier.oracle=true: both verifiers are the annotations of %s", method.instances)
+        return verifiers.make_decide_fn(oracle, oracle)
+    a, b = verifiers.load_trained(paths.verifiers_dir(cfg), list(v.kinds))
+    return verifiers.make_decide_fn(a, b, *thresholds)
+
+
+def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
+    """SENTINEL (rule sentinel): model_k grows each description sentence by sentence from n sampled sentences per
+    step, objects through the CHAIR text pipeline, two verifiers cross-check them; pairs at the first hallucinated
+    sentence with the faithful context before it."""
+    from halludpo.evaluate import chair_scorer
+    from halludpo.inference import SentenceSampler
+    from halludpo.sentinel import build_sentinel_pairs, object_extractor, sample_contexts
+
+    sampling = method.sampling
+    seed = cfg.seed + 1000 * k  # new samples every round
+    model_path = paths.model_dir(cfg, k)
+    items = sentinel_items(method, k, seed, str(model_path))
+    if not items:
+        raise InputError(f"{method.instances}: no images")
+    objects_of = object_extractor(chair_scorer(cfg.data.vocabulary, cfg.data.compounds, cfg.eval.chair.text_pipeline))
+    decide = sentinel_decide_fn(cfg, method)
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
+    sampler = SentenceSampler(model, processor, n=sampling.n, temperature=sampling.temperature,
+                              max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p, seed=seed,
+                              desc=f"sentinel r{k}")
+    try:
+        trajectories = sample_contexts(sampler, items, sampling.n, sampling.max_steps, objects_of, decide,
+                                       seed=seed, batch_size=sampling.batch_size)
+    finally:
+        sampler.close()
+    rows, stats = build_sentinel_pairs(trajectories)
+    write_jsonl(out.with_name("trajectories.jsonl"), trajectories)
+    if not rows:
+        raise InputError(f"round {k}: SENTINEL built no pair from {len(items)} images ({stats}); a pair needs, at "
+                         "one step, a factual context-coherent sentence and a hallucinated one (more samples, more "
+                         "steps or more images help)")
+    stats |= {"round": k, "n": sampling.n, "max_steps": sampling.max_steps,
+              "verifier_oracle": bool(cfg.verifier.oracle)}
+    write_jsonl(out, rows)
+    write_json(out.with_name("pairs_stats.json"), stats)
+    log.info("round %d: %d SENTINEL pairs from %d images (%d steps) -> %s", k, len(rows), len(items),
+             stats["steps"], out)
+    return stats
+
+
+BUILDERS = {"apasi": apasi_pairs, "sentinel": sentinel_pairs}
+
+
+def run(cfg: DictConfig) -> None:
+    """step=main: the configured single method -> pairs.jsonl. A mixed method runs step=<method> per method
+    (-> pairs/<method>/pairs.jsonl), then step=mix (-> pairs.jsonl)."""
+    k = cfg.round
+    methods = pair_methods(cfg.method)
+    if cfg.step == "main":
+        if len(methods) != 1:
+            raise ValueError(f"method={cfg.method.name}: run the pairs stage with step=<one of {methods}> or step=mix")
+        BUILDERS[methods[0]](cfg, k, cfg.method, paths.pairs_jsonl(cfg, k))
+    elif cfg.step in methods and len(methods) > 1:
+        BUILDERS[cfg.step](cfg, k, method_settings(cfg.method, cfg.step), paths.method_pairs_jsonl(cfg, k, cfg.step))
+    elif cfg.step == "mix" and len(methods) > 1:
+        by_method = {m: read_jsonl(paths.method_pairs_jsonl(cfg, k, m)) for m in methods}
+        rows, stats = mix_pairs(by_method, to_plain(cfg.method.mix), cfg.seed + k)
+        if not rows:
+            raise InputError(f"round {k}: the mix took no pair ({stats}); check method.mix weights and caps")
+        out = paths.pairs_jsonl(cfg, k)
+        write_jsonl(out, rows)
+        write_json(out.with_name("pairs_stats.json"), {"mix": stats, "pairs": len(rows), "round": k})
+        log.info("round %d: %d mixed pairs %s -> %s", k, len(rows), stats, out)
+    else:
+        raise ValueError(f"step={cfg.step!r} for method={cfg.method.name}; valid: "
+                         f"{['main'] if len(methods) == 1 else [*methods, 'mix']}")
 
 
 main = stage_main(run)

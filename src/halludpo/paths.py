@@ -82,3 +82,39 @@ def train_dir(cfg: DictConfig, k: int) -> Path:
 
 def rounds_plot(cfg: DictConfig) -> Path:
     return Path(cfg.paths.experiment_dir) / "rounds.png"
+
+
+def contrast_jsonl(cfg: DictConfig, k: int) -> Path:
+    """pairs.jsonl rows + contrast_image_path (and chosen_contrast for kind=neighbour): rule contrast."""
+    return round_dir(cfg, k) / "pairs" / "contrast.jsonl"
+
+
+def contrast_images_dir(cfg: DictConfig, k: int) -> Path:
+    """The stored contrast images of the image-transform kinds (corrupt, black, noise), one file per example."""
+    return round_dir(cfg, k) / "pairs" / "contrast_images"
+
+
+def embeddings_file(cfg: DictConfig, k: int) -> Path:
+    """model_k's pooled image features of round k's pair images (kind=neighbour), rule contrast_embeddings."""
+    return round_dir(cfg, k) / "pairs" / "embeddings.safetensors"
+
+
+def scored_pairs_jsonl(cfg: DictConfig, k: int) -> Path:
+    """The pairs the reference and the trainer score: contrast.jsonl with a contrast kind, else pairs.jsonl."""
+    return pairs_jsonl(cfg, k) if cfg.contrast.kind == "none" else contrast_jsonl(cfg, k)
+
+
+def verifiers_dir(cfg: DictConfig) -> Path:
+    """SENTINEL's learned object verifiers, one sub-folder per kind; trained once per data set (rule
+    train_verifiers), shared by experiments like the base model."""
+    return Path(cfg.paths.models_dir) / f"verifiers_{cfg.data.name}"
+
+
+def verifiers_marker(cfg: DictConfig) -> Path:
+    """Written last by rule train_verifiers (kinds + held-out presence scores): its presence means all are saved."""
+    return verifiers_dir(cfg) / "verifiers.json"
+
+
+def method_pairs_jsonl(cfg: DictConfig, k: int, method: str) -> Path:
+    """One method's pairs when a mixed method (apasi_sentinel) concatenates several into pairs_jsonl."""
+    return round_dir(cfg, k) / "pairs" / method / "pairs.jsonl"

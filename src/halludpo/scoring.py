@@ -16,6 +16,39 @@ from halludpo.inference import load_image
 
 IGNORE = -100
 
+PAIR_FIELDS = ("image_id", "image_path", "prompt", "context", "chosen", "rejected", "method", "meta")
+
+# The scored (image, response) segments of one example per loss, in the row order of halludpo.losses:
+# (name, image field, response field). The name is the key of the segment's reference log-prob in ref_logps:
+# the response field, + "@contrast" when it is scored with the contrast image (contrast_image_path).
+SEGMENTS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "sigmoid": (("chosen", "image_path", "chosen"), ("rejected", "image_path", "rejected")),
+    "mdpo": (("chosen", "image_path", "chosen"), ("rejected", "image_path", "rejected"),
+             ("chosen@contrast", "contrast_image_path", "chosen")),
+    "symmpo": (("chosen", "image_path", "chosen"), ("rejected", "image_path", "rejected"),
+               ("chosen_contrast", "image_path", "chosen_contrast"),
+               ("chosen@contrast", "contrast_image_path", "chosen"),
+               ("chosen_contrast@contrast", "contrast_image_path", "chosen_contrast")),
+}
+SEGMENTS["cdpo"] = SEGMENTS["sigmoid"]
+
+
+def segment_names(loss: str) -> list[str]:
+    """The ref_logps keys of loss's segments, in row order."""
+    return [name for name, _, _ in segment_specs(loss)]
+
+
+def segment_specs(loss: str) -> tuple[tuple[str, str, str], ...]:
+    if loss not in SEGMENTS:
+        raise ValueError(f"unknown preference loss {loss!r}; valid: {', '.join(sorted(SEGMENTS))}")
+    return SEGMENTS[loss]
+
+
+def required_fields(loss: str) -> tuple[str, ...]:
+    """The row fields loss's segments read: PAIR_FIELDS + contrast_image_path (mdpo) + chosen_contrast (symmpo)."""
+    extra = {f for _, image, response in segment_specs(loss) for f in (image, response)} - set(PAIR_FIELDS)
+    return PAIR_FIELDS + tuple(sorted(extra))
+
 
 class ImageTokenMismatch(ValueError):
     """A sequence's image placeholder tokens do not match the image features (e.g. cut by truncation)."""
@@ -57,8 +90,12 @@ def encode_segment(processor, image, prompt: str, context: str, response: str, m
     return {"input_ids": input_ids, "labels": labels, **extras}
 
 
-def check_image_tokens(segments: Sequence[dict], image_token_id: int, expected: int, where: str) -> None:
-    for i, seg in enumerate(segments):
+def check_image_tokens(segments: Sequence[dict], image_token_id: int, expected: int | Sequence[int],
+                       where: str) -> None:
+    """Each segment holds exactly its image's number of features as image tokens (`expected`: one count for
+    all segments, or one per segment when their images differ)."""
+    counts = [expected] * len(segments) if isinstance(expected, int) else list(expected)
+    for i, (seg, expected) in enumerate(zip(segments, counts, strict=True)):
         n = int((seg["input_ids"] == image_token_id).sum())
         if n != expected:
             raise ImageTokenMismatch(f"{where}, segment {i}: {n} image tokens but the image gives {expected} "
@@ -101,25 +138,55 @@ def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def pair_segments(processor, row: dict, max_length: int, image=None) -> list[dict]:
     """[chosen, rejected] segments of a pairs.jsonl row (the context, if any, is masked out)."""
-    image = image if image is not None else load_image(row["image_path"])
+    return example_segments(processor, row, "sigmoid", max_length, {row["image_path"]: image} if image is not None else None)
+
+
+def example_images(row: dict, loss: str, images: dict | None = None) -> dict:
+    """{path: PIL image} of every image loss's segments of `row` use, each loaded once (`images` pre-filled)."""
+    images = dict(images or {})
+    for _, image_field, _ in segment_specs(loss):
+        path = row[image_field]
+        if path not in images:
+            images[path] = load_image(path)
+    return images
+
+
+def example_segments(processor, row: dict, loss: str, max_length: int, images: dict | None = None) -> list[dict]:
+    """The encoded segments of one example for `loss`, in halludpo.losses' row order (see SEGMENTS).
+
+    Every segment shares the row's prompt and context (the question x; the context, if any, is masked out).
+    `images` maps image paths to loaded images; missing ones are loaded from the row's paths.
+    """
+    images = example_images(row, loss, images)
     context = row.get("context") or ""
-    return [encode_segment(processor, image, row["prompt"], context, row[key], max_length)
-            for key in ("chosen", "rejected")]
+    return [encode_segment(processor, images[row[image_field]], row["prompt"], context, row[response_field],
+                           max_length)
+            for _, image_field, response_field in segment_specs(loss)]
 
 
 @torch.no_grad()
-def score_pairs(model, processor, rows: Sequence[dict], max_length: int, batch_size: int = 16,
-                progress: bool = True) -> torch.Tensor:
-    """(2, N) summed log-probs [chosen; rejected] of every pair under `model`, with its image, batched."""
+def score_segments(model, processor, rows: Sequence[dict], loss: str, max_length: int, batch_size: int = 16,
+                   progress: bool = True) -> torch.Tensor:
+    """(S, N) summed log-probs of every segment of `loss` (S = len(SEGMENTS[loss])) of every row, batched.
+
+    A batch holds the S segments of batch_size rows (segment-major, as the trainer's collator).
+    """
     model.eval()
+    n_segments = len(segment_specs(loss))
     pad_id = processor.tokenizer.pad_token_id
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", disable=not progress):
         chunk = rows[start: start + batch_size]
-        segments = [pair_segments(processor, r, max_length) for r in chunk]
-        # batch layout: [chosen_1..chosen_b, rejected_1..rejected_b]
-        batch = collate_segments([s[0] for s in segments] + [s[1] for s in segments], pad_id)
+        segments = [example_segments(processor, r, loss, max_length) for r in chunk]
+        # batch layout: [seg0_1..seg0_b, seg1_1..seg1_b, ...]
+        batch = collate_segments([s[i] for i in range(n_segments) for s in segments], pad_id)
         logps, _ = forward_logps(model, {k: v.to(device) for k, v in batch.items()})
-        out.append(logps.view(2, len(chunk)).cpu())
+        out.append(logps.view(n_segments, len(chunk)).cpu())
     return torch.cat(out, dim=1)
+
+
+def score_pairs(model, processor, rows: Sequence[dict], max_length: int, batch_size: int = 16,
+                progress: bool = True) -> torch.Tensor:
+    """(2, N) summed log-probs [chosen; rejected] of every pair under `model`, with its image, batched."""
+    return score_segments(model, processor, rows, "sigmoid", max_length, batch_size, progress)

@@ -24,22 +24,24 @@ from transformers import Trainer, TrainingArguments
 
 from halludpo import paths
 from halludpo.config import stage_main, to_plain
-from halludpo.inference import load_image
 from halludpo.io import InputError, read_jsonl, write_json, write_jsonl
-from halludpo.losses import N_SEGMENTS, preference_loss
+from halludpo.losses import N_SEGMENTS, loss_terms, preference_loss
 from halludpo.models import load_model_and_processor, save_model
 from halludpo.scoring import (
+    PAIR_FIELDS,  # noqa: F401  (re-exported: the pairs contract, defined in scoring)
     check_image_tokens,
     collate_segments,
     encode_segment,
+    example_images,
+    example_segments,
     forward_logps,
-    pair_segments,
-    score_pairs,
+    required_fields,
+    score_segments,
+    segment_names,
+    segment_specs,
 )
 
 log = logging.getLogger(__name__)
-
-PAIR_FIELDS = ("image_id", "image_path", "prompt", "context", "chosen", "rejected", "method", "meta")
 
 
 class OffPolicyWarning(UserWarning):
@@ -54,11 +56,16 @@ class RewardSaturationWarning(UserWarning):
 # Reference log-probs
 
 
-def compute_reference_logps(model, processor, rows: list[dict], max_length: int, batch_size: int) -> list[dict]:
-    """pairs rows + {"ref_logps": {"chosen": float, "rejected": float}} under model_k, with the image."""
-    logps = score_pairs(model, processor, rows, max_length, batch_size)
-    return [r | {"ref_logps": {"chosen": float(c), "rejected": float(j)}}
-            for r, c, j in zip(rows, logps[0].tolist(), logps[1].tolist())]
+def compute_reference_logps(model, processor, rows: list[dict], max_length: int, batch_size: int,
+                            loss: str = "sigmoid") -> list[dict]:
+    """pairs rows + {"ref_logps": {<segment name>: float, ...}} under model_k, for every segment of `loss`.
+
+    Keys (scoring.SEGMENTS): chosen, rejected (every loss); mdpo adds chosen@contrast (y_w with the corrupted
+    image); symmpo adds chosen_contrast (y'_w | m), chosen@contrast (y_w | m'), chosen_contrast@contrast (y'_w | m').
+    """
+    names = segment_names(loss)
+    logps = score_segments(model, processor, rows, loss, max_length, batch_size)
+    return [r | {"ref_logps": dict(zip(names, column))} for r, column in zip(rows, logps.T.tolist())]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,21 +73,36 @@ def compute_reference_logps(model, processor, rows: list[dict], max_length: int,
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Encodes each pair once up front: [chosen, rejected] segments (+ stored reference log-probs)."""
+    """Encodes each example once up front: its `loss` segments (scoring.SEGMENTS order) + stored reference
+    log-probs. Every segment's image tokens are checked against its own image's feature count."""
 
-    def __init__(self, rows: list[dict], processor, max_length: int, source: str = "pairs"):
+    def __init__(self, rows: list[dict], processor, max_length: int, source: str = "pairs", loss: str = "sigmoid"):
         self.items = []
         image_token_id = getattr(processor, "image_token_id", None)
+        names = segment_names(loss)
+        image_fields = [image_field for _, image_field, _ in segment_specs(loss)]
         for i, row in enumerate(rows):
-            image = load_image(row["image_path"])
-            segments = pair_segments(processor, row, max_length, image)
+            where = f"{source}:{i + 1}"
+            missing = [f for f in required_fields(loss) if f not in row]
+            if missing:
+                raise InputError(f"{where}: loss {loss!r} needs field(s) {missing}"
+                                 + (" (build them with the contrast stage)" if "contrast_image_path" in missing
+                                    or "chosen_contrast" in missing else ""))
+            images = example_images(row, loss)
+            segments = example_segments(processor, row, loss, max_length, images)
             if image_token_id is not None:
-                probe = encode_segment(processor, image, row["prompt"], "", "", max_length)
-                expected = int((probe["input_ids"] == image_token_id).sum())
-                check_image_tokens(segments, image_token_id, expected, f"{source}:{i + 1}")
+                expected = {}
+                for path, image in images.items():
+                    probe = encode_segment(processor, image, row["prompt"], "", "", max_length)
+                    expected[path] = int((probe["input_ids"] == image_token_id).sum())
+                check_image_tokens(segments, image_token_id, [expected[row[f]] for f in image_fields], where)
             item = {"segments": segments}
             if "ref_logps" in row:
-                item["ref_logps"] = torch.tensor([row["ref_logps"]["chosen"], row["ref_logps"]["rejected"]])
+                absent = [n for n in names if n not in row["ref_logps"]]
+                if absent:
+                    raise InputError(f"{where}: ref_logps has no {absent} (computed for another loss than "
+                                     f"{loss!r}? rerun reference_logps)")
+                item["ref_logps"] = torch.tensor([float(row["ref_logps"][n]) for n in names])
             self.items.append(item)
 
     def __len__(self) -> int:
@@ -112,9 +134,11 @@ class PairCollator:
 class PreferenceTrainer(Trainer):
     """Trainer with a preference loss over summed log-probs; reference = stored values or the adapter disabled."""
 
-    def __init__(self, *args, loss_name: str = "sigmoid", beta: float = 0.1, sft_weight: float = 0.0, **kwargs):
+    def __init__(self, *args, loss_name: str = "sigmoid", beta: float = 0.1, sft_weight: float = 0.0,
+                 loss_params: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_name, self.beta, self.sft_weight = loss_name, beta, sft_weight
+        self.loss_params = loss_params if loss_params is not None else {"beta": beta}
         self._metrics: dict[str, list[float]] = {}
         self.accuracy_history: list[float] = []
 
@@ -131,7 +155,8 @@ class PreferenceTrainer(Trainer):
         logps, n_tokens = forward_logps(model, inputs)
         policy = logps.view(n_segments, -1)  # rows [chosen, rejected, (contrast segments...)]
         reference = stored_ref if stored_ref is not None else self.reference_logps(model, inputs).view(n_segments, -1)
-        losses, chosen_rewards, rejected_rewards = preference_loss(self.loss_name, policy, reference, beta=self.beta)
+        losses, chosen_rewards, rejected_rewards = preference_loss(self.loss_name, policy, reference,
+                                                                   **self.loss_params)
         loss = losses.mean()
         if self.sft_weight:
             chosen_nll = -(policy[0] / n_tokens.view(n_segments, -1)[0].clamp(min=1)).mean()
@@ -145,6 +170,8 @@ class PreferenceTrainer(Trainer):
         self._record("logps/chosen", policy[0].mean().item())
         self._record("logps/rejected", policy[1].mean().item())
         self._record("preference_loss", losses.mean().item())
+        for name, values in loss_terms(self.loss_name, policy, reference, **self.loss_params).items():
+            self._record(name, values.mean().item())  # loss/<term>, accuracy/<term> (halludpo.losses)
         self.accuracy_history.append(accuracy)
         return (loss, {"policy_logps": policy}) if return_outputs else loss
 
@@ -226,6 +253,13 @@ def training_arguments(out_dir: Path, train: dict, n_examples: int) -> TrainingA
     )
 
 
+def loss_params(train: dict) -> dict:
+    """The keyword parameters of train.loss: beta for sigmoid/cdpo/mdpo; train.symmpo {beta1, beta2, lam, gamma}."""
+    if train["loss"] == "symmpo":
+        return dict(train.get("symmpo") or {})
+    return {"beta": train["beta"]}
+
+
 def train_preference(model, processor, rows: list[dict], out_dir: str | Path, train: dict, model_path: str,
                      source: str = "pairs") -> dict:
     """LoRA preference optimisation of model on rows; saves the adapter to out_dir/adapter. Returns stats."""
@@ -235,7 +269,7 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
         rows = [{k: v for k, v in r.items() if k != "ref_logps"} for r in rows]
     elif any("ref_logps" not in r for r in rows):
         raise InputError(f"{source}: train.reference=stored but some rows have no ref_logps")
-    dataset = PairDataset(rows, processor, train["max_length"], source)
+    dataset = PairDataset(rows, processor, train["max_length"], source, train["loss"])
     model = lora_model(model, train["lora"])
     trainable = preflight(model)
     n_segments = N_SEGMENTS[train["loss"]]
@@ -244,7 +278,7 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
     trainer = PreferenceTrainer(
         model=model, args=training_arguments(out_dir / "trainer", train, len(dataset)), train_dataset=dataset,
         data_collator=PairCollator(processor.tokenizer.pad_token_id), loss_name=train["loss"], beta=train["beta"],
-        sft_weight=train["sft_weight"],
+        sft_weight=train["sft_weight"], loss_params=loss_params(train),
     )
     result = trainer.train()
     warn_early_saturation(trainer.accuracy_history)
@@ -276,14 +310,17 @@ def run(cfg: DictConfig) -> None:
     k = cfg.round
     train = to_plain(cfg.train)
     model_path = str(paths.model_dir(cfg, k))
+    fields = required_fields(train["loss"])
     if cfg.step == "reference":
-        rows = read_jsonl(paths.pairs_jsonl(cfg, k), required=PAIR_FIELDS)
+        rows = read_jsonl(paths.scored_pairs_jsonl(cfg, k), required=fields)
         model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
-        out = compute_reference_logps(model, processor, rows, train["max_length"], train["ref_batch_size"])
+        out = compute_reference_logps(model, processor, rows, train["max_length"], train["ref_batch_size"],
+                                      train["loss"])
         write_jsonl(paths.ref_logps_jsonl(cfg, k), out)
     elif cfg.step == "dpo":
-        source = paths.ref_logps_jsonl(cfg, k) if train["reference"] == "stored" else paths.pairs_jsonl(cfg, k)
-        rows = read_jsonl(source, required=PAIR_FIELDS)
+        source = (paths.ref_logps_jsonl(cfg, k) if train["reference"] == "stored"
+                  else paths.scored_pairs_jsonl(cfg, k))
+        rows = read_jsonl(source, required=fields)
         if not rows:
             raise InputError(f"{source}: no preference pairs to train on")
         model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)

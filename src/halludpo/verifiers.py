@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,11 +27,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from halludpo.config import stage_main
 from halludpo.io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 KINDS = ("cnn", "features")
 WEIGHTS_FILE = "verifier.safetensors"
 META_FILE = "verifier.json"
+MARKER_FILE = "verifiers.json"  # in the folder of both kinds, written last by the stage
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,3 +355,73 @@ def make_decide_fn(verifier_a, verifier_b, threshold_a: float = 0.5, threshold_b
                 for i, (_, objects) in enumerate(batch)]
 
     return decide
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage `verifiers` (rule train_verifiers)
+#
+#     python -m halludpo.verifiers        # trains cfg.verifier.kinds on the training split, once per data set
+
+
+def train_and_save(verifier_cfg: dict, out_dir: str | os.PathLike) -> dict:
+    """Train both kinds of a verifier config (plain dict: kind, kinds, train{seed, image_size, instances,
+    images_dir, threads, hyper{kind}, arch{kind}}, evaluate_on, evaluate_images), save each under out_dir/<kind>/,
+    score them on the held-out split and write out_dir/verifiers.json LAST (the rule's marker). Returns it."""
+    v, train = verifier_cfg, verifier_cfg["train"]
+    if v.get("kind", "toy") != "toy":
+        raise ValueError(f"verifier.kind={v.get('kind')!r}: this stage trains the learned toy verifiers only "
+                         "(open-vocabulary detectors for real images are not implemented yet)")
+    kinds = list(v["kinds"])
+    if len(kinds) != 2:
+        raise ValueError(f"verifier.kinds={kinds}: SENTINEL cross-checks exactly two verifiers")
+    out_dir = Path(out_dir)
+    summary: dict = {"kinds": kinds, "train_instances": str(train["instances"]), "verifiers": {}}
+    held_out = (load_labelled_split(v["evaluate_images"], v["evaluate_on"], train["image_size"])
+                if v.get("evaluate_on") else None)
+    predictions = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(train.get("threads") or before))  # tiny models: one thread is faster here
+    try:
+        for kind in kinds:
+            start = time.perf_counter()
+            verifier = train_verifier(kind, train["images_dir"], train["instances"], seed=int(train["seed"]),
+                                      image_size=train["image_size"], **(train.get("hyper") or {}).get(kind, {}),
+                                      **(train.get("arch") or {}).get(kind, {}))
+            save(verifier, out_dir / kind)
+            entry = {"dir": str(out_dir / kind), "seconds": round(time.perf_counter() - start, 1), **verifier.info}
+            if held_out is not None:
+                predictions[kind] = predict_present(verifier, held_out["images"], held_out["categories"])
+                entry["held_out"] = presence_scores(predictions[kind], held_out["targets"].numpy().astype(bool))
+            summary["verifiers"][kind] = entry
+            log.info("verifier %s trained in %.1fs: %s", kind, entry["seconds"], entry.get("held_out"))
+    finally:
+        torch.set_num_threads(before)
+    if held_out is not None:
+        a, b = (predictions[k] for k in kinds)
+        summary["held_out_images"] = len(held_out["image_ids"])
+        summary["held_out_agreement"] = float((a == b).mean())  # cells where A and B agree
+    write_json(out_dir / MARKER_FILE, summary)
+    return summary
+
+
+def load_trained(out_dir: str | os.PathLike, kinds: Sequence[str]) -> list[Verifier]:
+    """The trained verifiers of rule train_verifiers, in the order of `kinds` (A, B)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MARKER_FILE).is_file():
+        raise FileNotFoundError(f"{out_dir / MARKER_FILE}: verifiers not trained (rule train_verifiers)")
+    return [load(out_dir / kind) for kind in kinds]
+
+
+def run(cfg) -> None:
+    from halludpo import paths
+    from halludpo.config import to_plain
+
+    summary = train_and_save(to_plain(cfg.verifier), paths.verifiers_dir(cfg))
+    log.info("verifiers %s (held-out agreement %s) -> %s", summary["kinds"], summary.get("held_out_agreement"),
+             paths.verifiers_marker(cfg))
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

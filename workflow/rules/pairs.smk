@@ -1,20 +1,93 @@
-rule inject:
-    """APASI: hallucinations injected into model_k's own descriptions, completed by model_k without the image."""
-    input:
-        code=[SRC / "pairs.py", SRC / "injection.py"],
-        generations=str(EXP / "round_{k}" / "generate" / "gen.jsonl"),
-        model=model_marker,
-        vocabulary=CFG.data.vocabulary,
-    output:
-        str(EXP / "round_{k}" / "pairs" / "pairs.jsonl"),
-    params:
-        config=subtree("method", "data.vocabulary", "data.compounds", "eval.chair.text_pipeline", "seed"),
-    threads: workflow.cores
-    conda:
-        CONDA_ENV
-    log:
-        EXP / "logs" / "inject_r{k}.log",
-    benchmark:
-        EXP / "benchmarks" / "inject_r{k}.tsv"
-    shell:
-        "OMP_NUM_THREADS={threads} " + stage("pairs", "inject", round="{wildcards.k}") + " > {log} 2>&1"
+# Round k's preference pairs. Only the rules of the configured method(s) are defined (PAIR_METHODS, verifiers.smk),
+# so exactly one rule writes round_{k}/pairs/pairs.jsonl:
+#   method=apasi           rule inject                          -> pairs/pairs.jsonl
+#   method=sentinel        rule sentinel                        -> pairs/pairs.jsonl
+#   method=apasi_sentinel  rules inject, sentinel               -> pairs/<method>/pairs.jsonl
+#                          rule mix_pairs (weights, caps)       -> pairs/pairs.jsonl
+MIXED = len(PAIR_METHODS) > 1
+
+
+def method_pairs(method):
+    """Where a method's rule writes its pairs: pairs.jsonl itself, or its own file when a mix concatenates them."""
+    if MIXED:
+        return str(EXP / "round_{k}" / "pairs" / method / "pairs.jsonl")
+    return str(EXP / "round_{k}" / "pairs" / "pairs.jsonl")
+
+
+def method_stage(rule_name, method):
+    """The stage command of one method's rule (step=<method> inside a mix)."""
+    settings = {"round": "{wildcards.k}"} | ({"step": method} if MIXED else {})
+    return stage("pairs", rule_name, **settings)
+
+
+if "apasi" in PAIR_METHODS:
+
+    rule inject:
+        """APASI: hallucinations injected into model_k's own descriptions, completed by model_k without the image."""
+        input:
+            code=[SRC / "pairs.py", SRC / "injection.py"],
+            generations=str(EXP / "round_{k}" / "generate" / "gen.jsonl"),
+            model=model_marker,
+            vocabulary=CFG.data.vocabulary,
+        output:
+            method_pairs("apasi"),
+        params:
+            config=subtree(*method_config_keys(CFG.method, "apasi"), "data.vocabulary", "data.compounds",
+                           "eval.chair.text_pipeline", "seed"),
+        threads: workflow.cores
+        conda:
+            CONDA_ENV
+        log:
+            EXP / "logs" / "inject_r{k}.log",
+        benchmark:
+            EXP / "benchmarks" / "inject_r{k}.tsv"
+        shell:
+            "OMP_NUM_THREADS={threads} " + method_stage("inject", "apasi") + " > {log} 2>&1"
+
+
+if USES_SENTINEL:
+    SENTINEL_CFG = CFG.method.sentinel if MIXED else CFG.method
+
+    rule sentinel:
+        """SENTINEL: model_k samples sentence by sentence; two verifiers label each sentence's objects; pairs at the
+        first hallucinated sentence, with the faithful context before it."""
+        input:
+            code=[SRC / "pairs.py", SRC / "sentinel.py", SRC / "inference.py", SRC / "verifiers.py"],
+            model=model_marker,
+            instances=SENTINEL_CFG.instances,
+            vocabulary=CFG.data.vocabulary,
+            verifiers=[str(paths.verifiers_marker(CFG))] if NEEDS_VERIFIERS else [],
+        output:
+            method_pairs("sentinel"),
+        params:
+            config=subtree(*method_config_keys(CFG.method, "sentinel"), "verifier.kind", "verifier.kinds",
+                           "verifier.thresholds", "verifier.oracle", "data.vocabulary", "data.compounds",
+                           "eval.chair.text_pipeline", "seed"),
+        threads: workflow.cores
+        conda:
+            CONDA_ENV
+        log:
+            EXP / "logs" / "sentinel_r{k}.log",
+        benchmark:
+            EXP / "benchmarks" / "sentinel_r{k}.tsv"
+        shell:
+            "OMP_NUM_THREADS={threads} " + method_stage("sentinel", "sentinel") + " > {log} 2>&1"
+
+
+if MIXED:
+
+    rule mix_pairs:
+        """A mixed method: the methods' pairs of round k concatenated, each weighted and capped (method.mix)."""
+        input:
+            code=[SRC / "pairs.py", SRC / "mixing.py"],
+            pairs=[str(EXP / "round_{k}" / "pairs" / m / "pairs.jsonl") for m in PAIR_METHODS],
+        output:
+            str(EXP / "round_{k}" / "pairs" / "pairs.jsonl"),
+        params:
+            config=subtree("method.name", "method.mix", "seed"),
+        conda:
+            CONDA_ENV
+        log:
+            EXP / "logs" / "mix_pairs_r{k}.log",
+        shell:
+            stage("pairs", "mix_pairs", round="{wildcards.k}", step="mix") + " > {log} 2>&1"

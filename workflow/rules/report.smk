@@ -17,3 +17,25 @@ rule summarize:
         EXP / "logs" / "summarize.log",
     shell:
         stage("report", "summarize") + " > {log} 2>&1"
+
+
+# Comparison across experiments: `snakemake --cores 1 compare [--config compare="[toy_apasi,toy_mdpo]"]` after each
+# experiment has run (`--config experiment=<name>`); their summary.json files are inputs, not built here.
+COMPARE = normalize_overrides(config.get("compare")) or ["toy_apasi", "toy_mdpo", "toy_symmpo"]
+
+
+rule compare:
+    """One table across experiments (markdown + CSV): CHAIR_s, CHAIR_i, recall, POPE F1 per split, wall s/round."""
+    input:
+        code=SRC / "compare.py",
+        summaries=[str(RESULTS / e / "summary.json") for e in COMPARE],
+    output:
+        md=str(RESULTS / "comparison.md"),
+        csv=str(RESULTS / "comparison.csv"),
+    conda:
+        CONDA_ENV
+    log:
+        RESULTS / "logs" / "compare.log",
+    shell:
+        "PYTHONPATH={SRC_PATH}${{PYTHONPATH:+:$PYTHONPATH}} python -m halludpo.compare {input.summaries:q} "
+        "--md {output.md:q} --csv {output.csv:q} > {log} 2>&1"

@@ -1,13 +1,19 @@
+# The pairs the reference and the trainer score: with a contrast kind (mDPO, SymMPO) the contrast stage's output,
+# else pairs.jsonl, referenced by path (inject and SENTINEL's pairs rule both produce it).
+SCORED_PAIRS = str(EXP / "round_{k}" / "pairs" / ("pairs.jsonl" if CFG.contrast.kind == "none" else "contrast.jsonl"))
+
+
 rule reference_logps:
-    """Summed log-probs of chosen and rejected under model_k, with the image: computed once per round."""
+    """Summed log-probs of every scored segment of train.loss under model_k (chosen and rejected with the image,
+    plus the contrast segments of mDPO / SymMPO): computed once per round."""
     input:
         code=[SRC / "train.py", SRC / "scoring.py"],
-        pairs=rules.inject.output[0],
+        pairs=SCORED_PAIRS,
         model=model_marker,
     output:
         str(EXP / "round_{k}" / "pairs" / "ref_logps.jsonl"),
     params:
-        config=subtree("train.max_length", "train.ref_batch_size"),
+        config=subtree("train.max_length", "train.ref_batch_size", "train.loss"),
     threads: workflow.cores
     conda:
         CONDA_ENV
