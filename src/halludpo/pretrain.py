@@ -157,8 +157,12 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     total_steps = steps_per_epoch * pretrain["epochs"]
     log.info("toy model: %.2f M parameters, %d examples, %d steps", n_params / 1e6, len(examples), total_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pretrain["lr"], weight_decay=pretrain["weight_decay"])
+    if total_steps < 3:
+        raise ValueError(f"pretraining needs at least 3 optimizer steps, got {total_steps}: more examples or epochs")
+    # OneCycleLR divides by the warm-up length in steps: at least 1 step of warm-up, whatever warmup_frac says
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=pretrain["lr"], total_steps=total_steps, pct_start=pretrain["warmup_frac"])
+        optimizer, max_lr=pretrain["lr"], total_steps=total_steps,
+        pct_start=max(pretrain["warmup_frac"], 2 / total_steps))
     model.train()
     losses, start = [], time.time()
     bar = tqdm(total=total_steps, desc="pretrain", disable=not progress)
