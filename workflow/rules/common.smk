@@ -47,7 +47,10 @@ def stage(module, rule_name, **settings):
     """
     args = " ".join(f"{k}={v}" for k, v in settings.items())
     run_dir = "{HYDRA_DIR}/" + rule_name + "".join(f"_{k}{v}" for k, v in settings.items())
-    return (f"PYTHONPATH={{SRC_PATH}}${{{{PYTHONPATH:+:$PYTHONPATH}}}} python -m halludpo.{module} {args} "
+    # fixed thread counts: MKL/OpenMP may otherwise use fewer threads on a busy node, which changes float
+    # reduction order and so the trained weights
+    return ("MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE "
+            f"PYTHONPATH={{SRC_PATH}}${{{{PYTHONPATH:+:$PYTHONPATH}}}} python -m halludpo.{module} {args} "
             f"{{OVERRIDE_ARGS}} hydra.run.dir={run_dir} hydra.job.chdir=false")
 
 
