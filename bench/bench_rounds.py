@@ -3,7 +3,7 @@
 1. DPO step time with stored reference log-probs vs. online (adapter disabled, one extra forward per step);
 2. batched vs. one-at-a-time generation.
 
-    python bench/bench_rounds.py [--pairs 128] [--images 64]
+    python bench/bench_rounds.py [--pairs 128] [--images 64] [--repeats 3]
 
 Builds a toy world and a randomly initialised toy model of the default size in a temporary folder (timing does not
 depend on what the weights know). Prints a table and the ratios.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +51,9 @@ def bench_generation(model_dir: Path, images: list[Path], max_new_tokens: int) -
     return times
 
 
-def bench_dpo(cfg, model_dir: Path, examples: list[dict], world: Path, n_pairs: int, tmp: Path) -> dict[str, float]:
+def bench_dpo(cfg, model_dir: Path, examples: list[dict], world: Path, n_pairs: int, tmp: Path,
+              repeats: int) -> dict[str, float]:
+    """Median seconds per DPO step with stored vs online reference log-probs."""
     rows = [{"image_id": e["image_id"], "image_path": str(world / "train" / "images" / e["file_name"]),
              "prompt": "Please describe this image in detail.", "context": "", "chosen": e["caption"],
              "rejected": e["caption"] + " there is also a dog .", "method": "bench",
@@ -58,13 +61,16 @@ def bench_dpo(cfg, model_dir: Path, examples: list[dict], world: Path, n_pairs: 
     train = to_plain(cfg.train)
     model, processor = load_model_and_processor(model_dir, "toy")
     stored = compute_reference_logps(model, processor, rows, train["max_length"], train["ref_batch_size"])
-    times = {}
-    for name, reference, data in (("stored reference", "stored", stored), ("online reference", "online", rows)):
-        model, processor = load_model_and_processor(model_dir, "toy")
-        stats = train_preference(model, processor, data, tmp / name.replace(" ", "_"), train | {"reference": reference},
-                                 str(model_dir))
-        times[name] = stats["train_seconds"] / stats["steps"]
-    return times
+    variants = (("stored reference", "stored", stored), ("online reference", "online", rows))
+    times = {name: [] for name, _, _ in variants}
+    for repeat in range(repeats + 1):  # repeat 0 warms up (first-call allocations, lazy imports) and is dropped
+        for name, reference, data in variants:  # interleaved, so load drift hits both alike
+            model, processor = load_model_and_processor(model_dir, "toy")
+            out = tmp / f"{name.replace(' ', '_')}_{repeat}"
+            stats = train_preference(model, processor, data, out, train | {"reference": reference}, str(model_dir))
+            if repeat:
+                times[name].append(stats["train_seconds"] / stats["steps"])
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
@@ -79,7 +86,7 @@ def main() -> None:
         cfg, examples = build(tmp, args.images)
         images = sorted((tmp / "world" / "eval" / "images").glob("*.png"))
         gen = bench_generation(tmp / "model", images, args.max_new_tokens)
-        dpo = bench_dpo(cfg, tmp / "model", examples, tmp / "world", args.pairs, tmp)
+        dpo = bench_dpo(cfg, tmp / "model", examples, tmp / "world", args.pairs, tmp, args.repeats)
     print(f"\n{'benchmark':<42} {'seconds':>10}")
     for name, t in gen.items():
         print(f"{'generate ' + str(len(images)) + ' descriptions, ' + name:<42} {t:>10.2f}")
