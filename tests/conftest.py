@@ -11,8 +11,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_ARCH = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
                  vision_feature_layer=-1, text_hidden=32, text_layers=1, text_heads=2, max_positions=160)
+# Preference training on the tiny model (train.py's config keys); tests change only what they test: TINY_TRAIN | {...}
+TINY_TRAIN = dict(loss="sigmoid", beta=0.1, sft_weight=0.0, reference="stored", lr=5e-3, epochs=1, batch_size=4,
+                  grad_accum=1, scheduler="constant", warmup_ratio=0.0, max_length=200, ref_batch_size=4, seed=0,
+                  bf16=False, deepspeed=None, symmpo=dict(beta1=0.1, beta2=0.1, lam=0.5, gamma=1e-4),
+                  lora=dict(r=4, alpha=8, dropout=0.0, train_projector=False,
+                            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
 TINY_WORLD = dict(image_size=32, min_objects=2, max_objects=4, min_glyph=8, max_glyph=12, partner_prob=0.7,
                   cross_scene_prob=0.1, hallucination_share=0.8, synonym_prob=0.2, noise_std=8.0, max_overlap=0.3)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train several times faster on one thread than on two cores shared with other jobs."""
+    from halludpo.verifiers import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

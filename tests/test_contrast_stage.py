@@ -30,12 +30,9 @@ from halludpo.inference import load_image
 from halludpo.io import InputError, read_jsonl, write_jsonl
 from halludpo.models import load_model_and_processor
 from tests.test_pipeline import TINY, job_counts, snakemake
+from tests.conftest import TINY_TRAIN
 
-TRAIN = dict(loss="mdpo", beta=0.1, sft_weight=0.0, reference="stored", lr=5e-3, epochs=1, batch_size=4,
-             grad_accum=1, scheduler="constant", warmup_ratio=0.0, max_length=200, ref_batch_size=4, seed=0,
-             bf16=False, deepspeed=None,
-             lora=dict(r=4, alpha=8, dropout=0.0, train_projector=False,
-                       target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+TRAIN = TINY_TRAIN | {"loss": "mdpo"}
 
 
 @pytest.fixture(scope="module")

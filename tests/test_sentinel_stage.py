@@ -19,12 +19,7 @@ from tests.conftest import TINY_ARCH
 PAIR_KEYS = {"image_id", "image_path", "prompt", "context", "chosen", "rejected", "method", "meta"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,9 @@ from halludpo.train import (
     warn_early_saturation,
     warn_off_policy,
 )
+from tests.conftest import TINY_TRAIN
 
-TRAIN = dict(loss="sigmoid", beta=0.1, sft_weight=0.0, reference="stored", lr=5e-3, epochs=1, batch_size=4,
-             grad_accum=1, scheduler="constant", warmup_ratio=0.0, max_length=200, ref_batch_size=4, seed=0,
-             bf16=False, deepspeed=None,
-             lora=dict(r=4, alpha=8, dropout=0.0, train_projector=False,
-                       target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+TRAIN = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

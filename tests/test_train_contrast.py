@@ -26,12 +26,9 @@ from halludpo.scoring import (
     segment_names,
 )
 from halludpo.train import PairCollator, PairDataset, compute_reference_logps, loss_params, train_preference
+from tests.conftest import TINY_TRAIN
 
-TRAIN = dict(loss="sigmoid", beta=0.1, sft_weight=0.0, reference="stored", lr=5e-3, epochs=1, batch_size=4,
-             grad_accum=1, scheduler="constant", warmup_ratio=0.0, max_length=200, ref_batch_size=4, seed=0,
-             bf16=False, deepspeed=None, symmpo=dict(beta1=0.1, beta2=0.1, lam=0.5, gamma=1e-4),
-             lora=dict(r=4, alpha=8, dropout=0.0, train_projector=False,
-                       target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+TRAIN = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ from halludpo.verifiers import (
 from tests.conftest import TINY_WORLD
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train 4x faster on one thread than on two cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +363,17 @@ def make_decide_fn(verifier_a, verifier_b, threshold_a: float = 0.5, threshold_b
 #     python -m halludpo.verifiers        # trains cfg.verifier.kinds on the training split, once per data set
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to n (None or 0: unchanged) inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n or before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_and_save(verifier_cfg: dict, out_dir: str | os.PathLike) -> dict:
     """Train both kinds of a verifier config (plain dict: kind, kinds, train{seed, image_size, instances,
     images_dir, threads, hyper{kind}, arch{kind}}, evaluate_on, evaluate_images), save each under out_dir/<kind>/,
@@ -379,9 +390,7 @@ def train_and_save(verifier_cfg: dict, out_dir: str | os.PathLike) -> dict:
     held_out = (load_labelled_split(v["evaluate_images"], v["evaluate_on"], train["image_size"])
                 if v.get("evaluate_on") else None)
     predictions = {}
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(train.get("threads") or before))  # tiny models: one thread is faster here
-    try:
+    with torch_threads(train.get("threads")):  # tiny models: one thread is faster here
         for kind in kinds:
             start = time.perf_counter()
             verifier = train_verifier(kind, train["images_dir"], train["instances"], seed=int(train["seed"]),
@@ -394,8 +403,6 @@ def train_and_save(verifier_cfg: dict, out_dir: str | os.PathLike) -> dict:
                 entry["held_out"] = presence_scores(predictions[kind], held_out["targets"].numpy().astype(bool))
             summary["verifiers"][kind] = entry
             log.info("verifier %s trained in %.1fs: %s", kind, entry["seconds"], entry.get("held_out"))
-    finally:
-        torch.set_num_threads(before)
     if held_out is not None:
         a, b = (predictions[k] for k in kinds)
         summary["held_out_images"] = len(held_out["image_ids"])
