@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessorPil,
@@ -23,6 +24,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.utils import is_torchvision_available
 
 from halludpo.families import check_family
 
@@ -112,7 +115,7 @@ def load_model_and_processor(path_or_id: str | Path, family: str, dtype: str = "
     path = str(path_or_id)
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a saved model folder (no config.json)")
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    processor = load_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False,
     ).to(device)
@@ -122,6 +125,29 @@ def load_model_and_processor(path_or_id: str | Path, family: str, dtype: str = "
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, processor
+
+
+def image_only_processor_class(processor_class: type) -> type:
+    """processor_class without its video processor: transformers' video processors need torchvision, which a CPU
+    machine may not have, and halludpo passes images only. Saved under the original class name."""
+
+    class ImageOnlyProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in super().get_attributes() if a != "video_processor"]
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor
+
+
+def load_processor(path: str):
+    """AutoProcessor; a processor that also takes videos (Qwen-VL) loads without its video processor when
+    torchvision is missing (AutoProcessor would fail on the video processor)."""
+    if not is_torchvision_available():
+        processor_class = PROCESSOR_MAPPING.get(type(AutoConfig.from_pretrained(path, trust_remote_code=False)), None)
+        if processor_class is not None and "video_processor" in processor_class.get_attributes():
+            return image_only_processor_class(processor_class).from_pretrained(path, trust_remote_code=False)
+    return AutoProcessor.from_pretrained(path, trust_remote_code=False)
 
 
 def chat_prompt(processor, text: str, with_image: bool = True) -> str:

@@ -86,7 +86,10 @@ def encode_segment(processor, image, prompt: str, context: str, response: str, m
                          "truncation would cut the response or the image tokens")
     labels = input_ids.clone()
     labels[:n_prefix] = IGNORE
-    extras = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
+    # everything else the processor returns goes to the model as is: image tensors (pixel_values, image_sizes,
+    # image_grid_thw) and per-token fields (Qwen-VL's mm_token_type_ids, kept 1-D like input_ids)
+    extras = {k: v[0] if v.shape == full["input_ids"].shape else v for k, v in full.items()
+              if k not in ("input_ids", "attention_mask")}
     return {"input_ids": input_ids, "labels": labels, **extras}
 
 
@@ -102,8 +105,21 @@ def check_image_tokens(segments: Sequence[dict], image_token_id: int, expected: 
                                      "features; the sequence was cut or the prompt holds a stray image token")
 
 
+def concat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to the largest (LLaVA-NeXT's pixel_values have one
+    row per image and a crop count that depends on the image size; the model drops the padded crops)."""
+    shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+    padded = []
+    for t in tensors:
+        pad = [p for size, target in zip(reversed(t.shape[1:]), reversed(shape)) for p in (0, target - size)]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded)
+
+
 def collate_segments(segments: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids/labels; concatenate image tensors (pixel_values, image_sizes, image_grid_thw...)."""
+    """Right-pad input_ids/labels and any other per-token field (1-D, as long as input_ids) with 0; concatenate
+    image tensors along their first dim (per image: pixel_values, image_sizes, image_grid_thw; Qwen-VL's
+    pixel_values are per patch, so concatenating along patches is what its model expects)."""
     width = max(len(s["input_ids"]) for s in segments)
     batch = {
         "input_ids": torch.full((len(segments), width), pad_id, dtype=torch.long),
@@ -116,8 +132,15 @@ def collate_segments(segments: Sequence[dict], pad_id: int) -> dict[str, torch.T
         batch["labels"][row, :n] = seg["labels"]
         batch["attention_mask"][row, :n] = 1
     for key in segments[0]:
-        if key not in batch:
-            batch[key] = torch.cat([s[key] for s in segments])
+        if key in batch:
+            continue
+        values = [s[key] for s in segments]
+        if all(v.dim() == 1 and len(v) == len(s["input_ids"]) for v, s in zip(values, segments)):
+            batch[key] = torch.zeros((len(segments), width), dtype=values[0].dtype)
+            for row, v in enumerate(values):
+                batch[key][row, :len(v)] = v
+        else:
+            batch[key] = concat_padded(values)
     return batch
 
 

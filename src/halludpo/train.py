@@ -189,11 +189,24 @@ class PreferenceTrainer(Trainer):
 # Pre-flight checks and warnings
 
 
+# The vision-to-language projector's module name: LLaVA / LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL.
+PROJECTOR_MODULES = ("multi_modal_projector", "visual.merger")
+
+
+def projector_modules(model) -> list[str]:
+    """The PROJECTOR_MODULES names the model has (peft's modules_to_save matches them as name suffixes)."""
+    names = [name for name, _ in model.named_modules()]
+    found = [p for p in PROJECTOR_MODULES if any(n == p or n.endswith("." + p) for n in names)]
+    if not found:
+        raise ValueError(f"train.lora.train_projector: the model has none of the projector modules {PROJECTOR_MODULES}")
+    return found
+
+
 def lora_model(model, lora: dict):
     """Wrap with peft LoRA; the projector trains fully when lora.train_projector (APASI does)."""
     config = LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"],
-        modules_to_save=["multi_modal_projector"] if lora["train_projector"] else None, bias="none",
+        modules_to_save=projector_modules(model) if lora["train_projector"] else None, bias="none",
     )
     return get_peft_model(model, config)
 
