@@ -13,6 +13,7 @@ from halludpo.injection import (
     TextOnlyCompleter,
     build_apasi_pairs,
     choose_injected_object,
+    drop_hallucinated_sentences,
     fill_template,
     finish_sentence,
     inject,
@@ -293,6 +294,57 @@ def test_build_apasi_pairs_insert_prefix_is_original_text():
     assert completer.prefixes[0].startswith("".join(sentences[: first + 1]))
     assert completer.prefixes[1].startswith("".join(sentences[: second + 1]))  # earlier insertion not applied
     assert len(split_sentences(row["rejected"])) == len(sentences) + 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Verified APASI (extension): the two verifiers' verdicts steer injection and clean the chosen response
+
+
+def test_drop_hallucinated_sentences_keeps_the_rest_verbatim():
+    kept, dropped = drop_hallucinated_sentences(RESPONSE, toy_objects_of, {"frisbee", "bird"})
+    assert dropped == [2, 4]
+    assert kept == "this is a park scene . there is a dog on the left . a bench is at the top ."
+    assert drop_hallucinated_sentences(RESPONSE, toy_objects_of, set()) == (RESPONSE.strip(), [])
+
+
+def test_inject_never_picks_an_excluded_object():
+    # dog's co-occurring objects absent from RESPONSE: kite only; excluding it leaves the vocabulary fallback
+    picked = {inject(RESPONSE, toy_objects_of, toy_co_freq(), TOY_OBJECTS, 0.4, 1, "insert", TOY_TEMPLATES,
+                     random.Random(seed), exclude={"kite", "fork"})["plan"][0]["object"] for seed in range(40)}
+    assert picked and not picked & {"kite", "fork"}
+    assert not picked & toy_objects_of(RESPONSE)
+
+
+def _verdicts(gens, present: set[str], both_absent: set[str]):
+    """Per generation: objects in `present` seen by verifier A only (one is enough to block injection), objects in
+    `both_absent` rejected by both, every other object seen by both."""
+    def verdict(o):
+        return (True, False) if o in present else (False, False) if o in both_absent else (True, True)
+    return [{o: verdict(o) for o in TOY_OBJECTS} for _ in gens]
+
+
+def test_build_apasi_pairs_with_verdicts():
+    gens = _generations()
+    everything_but = set(TOY_OBJECTS) - {"cup", "bowl", "frisbee"}
+    verdicts = _verdicts(gens, present=everything_but, both_absent={"cup", "bowl", "frisbee"})
+    rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
+                                    TOY_TEMPLATES, seed=3, verdicts=verdicts, verify_chosen=True)
+    assert rows and stats["dropped_sentences"] == 1 and stats["skipped_all_dropped"] == 0
+    for row in rows:
+        injected = set(row["meta"]["injected_objects"])
+        assert injected <= {"cup", "bowl", "frisbee"}   # only objects both verifiers call absent
+        assert "frisbee" not in row["chosen"]            # the chosen response lost its hallucinated sentence
+    (park,) = [r for r in rows if r["image_id"] == 0]
+    assert park["meta"]["dropped_sentences"] == [2]
+    assert park["chosen"] == "this is a park scene . there is a dog on the left . a bench is at the top . " \
+                             "there is a bird ."
+    # without verify_chosen the chosen responses are the model's own, verbatim
+    rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
+                                    TOY_TEMPLATES, seed=3, verdicts=verdicts)
+    assert stats["dropped_sentences"] == 0 and all("dropped_sentences" not in r["meta"] for r in rows)
+    with pytest.raises(ValueError, match="verdicts"):
+        build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert", TOY_TEMPLATES,
+                          seed=3, verdicts=verdicts[:2])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -66,13 +66,13 @@ def test_verifier_stage_trains_both_kinds_and_writes_the_marker(tiny_world, sent
 def test_detector_verifiers_are_refused_clearly(tmp_path):
     cfg = compose([f"paths.results={tmp_path}", "experiment=toy_sentinel", "verifier=detector"])
     with pytest.raises(ValueError, match="not implemented yet"):
-        pairs.sentinel_decide_fn(cfg, cfg.method)
+        pairs.verifier_decide_fn(cfg, cfg.method.instances)
 
 
 def test_oracle_ablation_needs_an_annotated_split(tiny_world, sentence_model, tmp_path):
     cfg = stage_cfg(tmp_path, tiny_world, sentence_model, "verifier.oracle=true")  # unlabeled split: no annotations
     with pytest.raises(InputError, match="no annotations"):
-        pairs.sentinel_decide_fn(cfg, cfg.method)
+        pairs.verifier_decide_fn(cfg, cfg.method.instances)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,37 @@ def test_pairs_stage_asks_the_learned_verifiers(tiny_world, sentence_model, tmp_
 
 # ---------------------------------------------------------------------------------------------------------------
 # Mixing
+
+
+def test_verified_apasi_injects_only_absent_objects_and_cleans_the_chosen(tiny_world, sentence_model, tmp_path):
+    """method.verify (extension) through the APASI pairs stage, with the annotation oracle as both verifiers: the
+    "generations" are the training captions, which name an absent object on purpose (the language prior)."""
+    from halludpo.io import write_jsonl
+
+    cfg = compose([f"paths.results={tmp_path}", f"paths.data_dir={tiny_world}", f"model.path={sentence_model}",
+                   "data.world.image_size=32", "eval.chair.text_pipeline=offline", "method.mode=insert",
+                   "method.verify.injected=true", "method.verify.chosen=true", "verifier.oracle=true",
+                   "data.gen_instances=${data.train_instances}", "data.gen_images=${data.train_images}",
+                   "method.completion.max_new_tokens=8"])
+    captions = json.loads((tiny_world / "train" / "captions.json").read_text())["annotations"]
+    images = json.loads((tiny_world / "train" / "instances.json").read_text())["images"]
+    files = {im["id"]: im["file_name"] for im in images}
+    write_jsonl(paths.gen_generations(cfg, 0), [
+        {"image_id": c["image_id"], "image_path": str(tiny_world / "train" / "images" / files[c["image_id"]]),
+         "prompt": "Please describe this image in detail.", "response": c["caption"], "model": "toy", "round": 0}
+        for c in captions])
+    pairs.run(cfg)
+    rows = read_jsonl(paths.pairs_jsonl(cfg, 0))
+    stats = json.loads(paths.pairs_jsonl(cfg, 0).with_name("pairs_stats.json").read_text())
+    truth = verifiers.AnnotationOracleVerifier(tiny_world / "train" / "instances.json")
+    hallucinated = {c["image_id"]: c["hallucinated"] for c in captions}
+    assert rows and stats["dropped_sentences"] == sum(h is not None for h in hallucinated.values())
+    for row in rows:
+        injected = row["meta"]["injected_objects"]
+        assert not truth.present([row["image_path"]], injected)[0].any()  # never a true object
+        if hallucinated[row["image_id"]]:
+            assert row["meta"]["dropped_sentences"] and hallucinated[row["image_id"]] not in row["chosen"]
+        assert len(row["rejected"]) > len(row["chosen"])  # insert mode: chosen + an injected sentence
 
 
 def test_method_selection_and_the_refused_multi_select():

@@ -9,6 +9,12 @@ its wording comes from the language prior alone. Every other sentence is kept wo
 Extension ("insert" mode): the injected sentence is inserted after the selected sentence instead of replacing it,
 so rejected = chosen + one extra sentence per selection: the pair teaches against the extra-object hallucination.
 
+Extension ("verified APASI", method.verify): two object verifiers (those of SENTINEL, rule train_verifiers) check
+each image; an object either verifier finds in the image is never injected (else the rejected response would hold a
+true object and DPO would teach the model to leave real objects out), and with verify.chosen the chosen response
+loses its sentences naming an object both verifiers find absent (the model's own hallucinations, which the SFT term
+would otherwise reinforce).
+
 Everything but :class:`TextOnlyCompleter` is pure: randomness comes from a ``random.Random`` passed in, and
 :func:`build_apasi_pairs` seeds one per item from (seed, image_id), so results do not depend on processing order.
 """
@@ -266,13 +272,14 @@ def injection_context(sentences: Sequence[str], index: int, action: str) -> str:
 
 def inject(response: str, objects_of: Callable[[str], set[str]], co_freq: dict[str, Counter],
            vocabulary: Sequence[str], rate: float, skip: int, mode: str, templates: Sequence[str],
-           rng: random.Random, top_k: int = 10) -> dict[str, Any] | None:
+           rng: random.Random, top_k: int = 10, exclude: Iterable[str] = ()) -> dict[str, Any] | None:
     """Plan one rejected response (no model call): which sentences, which action, which object, which template.
 
     mode "replace" (APASI) replaces each selected sentence; "insert" puts the injected sentence after it, keeping
     it; "both" lets rng pick one of the two for this response; "append" (extension) adds one injected sentence
     after the last one, whatever the rate — the extra-object-at-the-end hallucination of list-like descriptions. Objects are chosen around the objects of the kept
-    sentences (all sentences not replaced); no kept object, or too few sentences for `rate` -> None. Returns
+    sentences (all sentences not replaced), never one of `exclude` (objects a verifier found in the image); no kept
+    object, or too few sentences for `rate` -> None. Returns
     {"sentences", "mode", "plan": [{"index", "action", "object", "key_object", "template_prefix"}]}.
     """
     if mode not in MODES:
@@ -295,7 +302,8 @@ def inject(response: str, objects_of: Callable[[str], set[str]], co_freq: dict[s
     response_objects = set(objects_of(response))
     plan, injected = [], []
     for index in selected:
-        choice = choose_injected_object(kept_objects, response_objects, co_freq, vocabulary, rng, top_k, injected)
+        choice = choose_injected_object(kept_objects, response_objects, co_freq, vocabulary, rng, top_k,
+                                        [*injected, *sorted(exclude)])
         if choice is None:
             return None
         key, obj = choice
@@ -328,9 +336,26 @@ def realize(plan_result: dict[str, Any], completions: dict[int, str]) -> str:
 # Pairs
 
 
+def drop_hallucinated_sentences(response: str, objects_of: Callable[[str], set[str]],
+                                hallucinated: set[str]) -> tuple[str, list[int]]:
+    """(the response without its sentences that name an object of `hallucinated`, indices of the dropped
+    sentences); every other sentence is kept character for character."""
+    sentences = split_sentences(response)
+    dropped = [i for i, sentence in enumerate(sentences) if set(objects_of(sentence)) & hallucinated]
+    kept = "".join(s for i, s in enumerate(sentences) if i not in dropped)
+    return kept.strip(), dropped
+
+
 def chair_objects_of(scorer) -> Callable[[str], set[str]]:
     """objects_of for a metrics.chair.ChairScorer: the set of categories it finds in a text."""
     return lambda text: {category for _, category in scorer.objects(text)}
+
+
+def _verified_objects(verdict: dict[str, tuple[bool, bool]] | None) -> tuple[set[str], set[str]]:
+    """(objects either verifier finds in the image, objects both find absent)."""
+    if verdict is None:
+        return set(), set()
+    return ({o for o, (a, b) in verdict.items() if a or b}, {o for o, (a, b) in verdict.items() if not (a or b)})
 
 
 def _plannable(response: str, rate: float, skip: int) -> bool:
@@ -341,7 +366,8 @@ def _plannable(response: str, rate: float, skip: int) -> bool:
 
 def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[str]], vocabulary: Sequence[str],
                       completer, rate: float, skip: int, mode: str, templates: Sequence[str], seed: int,
-                      top_k: int = 10) -> tuple[list[dict], dict]:
+                      top_k: int = 10, verdicts: Sequence[dict[str, tuple[bool, bool]]] | None = None,
+                      verify_chosen: bool = False) -> tuple[list[dict], dict]:
     """APASI pairs (pairs.jsonl rows) from generations.jsonl rows, and counts.
 
     Co-occurrence statistics come from the model's OWN responses. Each response is planned with
@@ -349,20 +375,37 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
     sentences are completed in one completer.complete call on prefixes = original preceding text + template
     prefix. Rows whose rejected text equals the chosen one are dropped.
     meta.mode is the configured mode; replaced_indices / inserted_indices show what "both" picked.
-    Stats: responses, pairs, skipped_rate (too few sentences), skipped_no_objects, skipped_identical.
+    verdicts (extension, one per generation): {category: (verifier A present, verifier B present)}; an object
+    either verifier finds is never injected, and with verify_chosen the sentences naming an object both find
+    absent are dropped from the chosen response first (meta.dropped_sentences).
+    Stats: responses, pairs, skipped_rate (too few sentences), skipped_no_objects, skipped_identical,
+    and with verdicts dropped_sentences, skipped_all_dropped.
     """
+    if verdicts is not None and len(verdicts) != len(generations):
+        raise ValueError(f"{len(verdicts)} verdicts for {len(generations)} generations")
     _, co_freq = object_statistics(objects_of(g["response"]) for g in generations)
     stats = {"responses": len(generations), "pairs": 0, "skipped_rate": 0, "skipped_no_objects": 0,
              "skipped_identical": 0}
+    if verdicts is not None:
+        stats |= {"dropped_sentences": 0, "skipped_all_dropped": 0}
     seen: Counter = Counter()
     planned: list[tuple[dict, dict]] = []
-    for gen in generations:
+    for i, gen in enumerate(generations):
         rng = random.Random(f"{seed}/{gen['image_id']}/{seen[gen['image_id']]}")
         seen[gen["image_id"]] += 1
+        present, hallucinated = _verified_objects(verdicts[i] if verdicts is not None else None)
+        if verify_chosen and hallucinated:
+            response, dropped = drop_hallucinated_sentences(gen["response"], objects_of, hallucinated)
+            stats["dropped_sentences"] += len(dropped)
+            if not response:
+                stats["skipped_all_dropped"] += 1
+                continue
+            gen = gen | {"response": response, "dropped_sentences": dropped}
         if not _plannable(gen["response"], rate, skip):
             stats["skipped_rate"] += 1
             continue
-        result = inject(gen["response"], objects_of, co_freq, vocabulary, rate, skip, mode, templates, rng, top_k)
+        result = inject(gen["response"], objects_of, co_freq, vocabulary, rate, skip, mode, templates, rng, top_k,
+                        exclude=present)
         if result is None:
             stats["skipped_no_objects"] += 1
             continue
@@ -399,6 +442,7 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
                 "replaced_indices": [s["index"] for s in plan if s["action"] == "replace"],
                 "inserted_indices": [s["index"] for s in plan if s["action"] == "insert"],
                 "generator_model": gen.get("model"), "round": gen.get("round"),
+                **({"dropped_sentences": gen["dropped_sentences"]} if "dropped_sentences" in gen else {}),
             },
         })
     stats["pairs"] = len(rows)

@@ -33,6 +33,18 @@ def pair_methods(method_cfg: Mapping) -> list[str]:
     return [name]
 
 
+def apasi_verifies(method_cfg: Mapping) -> bool:
+    """Whether APASI's pairs are checked by the two object verifiers (method.verify, an extension)."""
+    verify = method_cfg.get("verify") or {}
+    return bool(verify.get("injected") or verify.get("chosen"))
+
+
+def uses_verifiers(method_cfg: Mapping) -> bool:
+    """Whether a round's pairs need the object verifiers: SENTINEL always, APASI with method.verify."""
+    methods = pair_methods(method_cfg)
+    return "sentinel" in methods or ("apasi" in methods and apasi_verifies(method_cfg))
+
+
 def method_settings(method_cfg: Mapping, method: str) -> Mapping:
     """One method's settings: cfg.method itself for a single method; for a mix, APASI's are cfg.method (its keys
     keep their meaning) and SENTINEL's are cfg.method.sentinel."""

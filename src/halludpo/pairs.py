@@ -25,7 +25,7 @@ from halludpo.injection import PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter
 from halludpo.io import InputError, read_json, read_jsonl, write_json, write_jsonl
 from halludpo.metrics.chair import ChairScorer, load_synonyms
 from halludpo.metrics.text import get_text_pipeline
-from halludpo.mixing import method_settings, mix_pairs, pair_methods
+from halludpo.mixing import apasi_verifies, method_settings, mix_pairs, pair_methods
 from halludpo.models import load_model_and_processor
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,15 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
                                   batch_size=method.completion.batch_size,
                                   terminator=" ." if cfg.data.kind == "toy" else ".")
     rate = injection_rate(list(method.injection_rates), k)
+    verify = method.get("verify") or {}
+    verdicts = None
+    if apasi_verifies(method):
+        decide = verifier_decide_fn(cfg, cfg.data.gen_instances)
+        verdicts = verify_images(decide, generations, vocabulary)
     rows, stats = build_apasi_pairs(generations, objects_of, vocabulary, completer, rate=rate, skip=method.skip,
                                     mode=method.mode, templates=templates_for(method.templates, cfg.data.kind),
-                                    seed=cfg.seed + k, top_k=method.top_k)
+                                    seed=cfg.seed + k, top_k=method.top_k, verdicts=verdicts,
+                                    verify_chosen=bool(verify.get("chosen")))
     if not rows:
         raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
                          f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
@@ -95,9 +101,17 @@ def sentinel_items(method, k: int, seed: int, model_name: str) -> list[dict]:
             for im in images]
 
 
-def sentinel_decide_fn(cfg: DictConfig, method):
+def verify_images(decide, generations: list[dict], categories: list[str], batch_size: int = 256) -> list[dict]:
+    """Per generation, the two verifiers' {category: (A present, B present)} for every category on its image."""
+    verdicts = []
+    for start in range(0, len(generations), batch_size):
+        verdicts += decide([(gen, categories) for gen in generations[start: start + batch_size]])
+    return verdicts
+
+
+def verifier_decide_fn(cfg: DictConfig, instances: str):
     """The two verifiers' decide_fn: the trained verifiers of rule train_verifiers, or with verifier.oracle the
-    annotation oracle of method.instances twice (ablation)."""
+    annotation oracle of `instances` twice (ablation)."""
     from halludpo import verifiers
 
     v = cfg.verifier
@@ -106,11 +120,11 @@ def sentinel_decide_fn(cfg: DictConfig, method):
                          "not implemented yet; use verifier=toy")
     thresholds = list(v.thresholds)
     if v.oracle:
-        if not read_json(method.instances).get("annotations"):
-            raise InputError(f"{method.instances}: no annotations, so verifier.oracle=true (ablation) cannot read "
+        if not read_json(instances).get("annotations"):
+            raise InputError(f"{instances}: no annotations, so verifier.oracle=true (ablation) cannot read "
                              "the ground truth; point method.instances/method.images_dir at an annotated split")
-        oracle = verifiers.AnnotationOracleVerifier(method.instances)
-        log.warning("ABLATION verifier.oracle=true: both verifiers are the annotations of %s", method.instances)
+        oracle = verifiers.AnnotationOracleVerifier(instances)
+        log.warning("ABLATION verifier.oracle=true: both verifiers are the annotations of %s", instances)
         return verifiers.make_decide_fn(oracle, oracle)
     a, b = verifiers.load_trained(paths.verifiers_dir(cfg), list(v.kinds))
     return verifiers.make_decide_fn(a, b, *thresholds)
@@ -131,7 +145,7 @@ def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     if not items:
         raise InputError(f"{method.instances}: no images")
     objects_of = object_extractor(chair_scorer(cfg.data.vocabulary, cfg.data.compounds, cfg.eval.chair.text_pipeline))
-    decide = sentinel_decide_fn(cfg, method)
+    decide = verifier_decide_fn(cfg, method.instances)
     model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
     sampler = SentenceSampler(model, processor, n=sampling.n, temperature=sampling.temperature,
                               max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p, seed=seed,

@@ -1,10 +1,14 @@
 # Round k's preference pairs. Only the rules of the configured method(s) are defined (PAIR_METHODS, verifiers.smk),
 # so exactly one rule writes round_{k}/pairs/pairs.jsonl:
 #   method=apasi           rule inject                          -> pairs/pairs.jsonl
+#                          (+ rule train_verifiers with method.verify, the verified-APASI extension)
 #   method=sentinel        rule sentinel                        -> pairs/pairs.jsonl
 #   method=apasi_sentinel  rules inject, sentinel               -> pairs/<method>/pairs.jsonl
 #                          rule mix_pairs (weights, caps)       -> pairs/pairs.jsonl
+from halludpo.mixing import apasi_verifies
+
 MIXED = len(PAIR_METHODS) > 1
+VERIFIER_KEYS = ("verifier.kind", "verifier.kinds", "verifier.thresholds", "verifier.oracle")
 
 
 def method_pairs(method):
@@ -29,11 +33,13 @@ if "apasi" in PAIR_METHODS:
             generations=str(EXP / "round_{k}" / "generate" / "gen.jsonl"),
             model=model_marker,
             vocabulary=CFG.data.vocabulary,
+            verifiers=[str(paths.verifiers_marker(CFG))] if NEEDS_VERIFIERS else [],
         output:
             method_pairs("apasi"),
         params:
             config=subtree(*method_config_keys(CFG.method, "apasi"), "data.vocabulary", "data.compounds",
-                           "eval.chair.text_pipeline", "seed"),
+                           "eval.chair.text_pipeline", "seed",
+                           *(VERIFIER_KEYS if apasi_verifies(CFG.method) else [])),
         threads: workflow.cores
         conda:
             CONDA_ENV
@@ -60,9 +66,8 @@ if USES_SENTINEL:
         output:
             method_pairs("sentinel"),
         params:
-            config=subtree(*method_config_keys(CFG.method, "sentinel"), "verifier.kind", "verifier.kinds",
-                           "verifier.thresholds", "verifier.oracle", "data.vocabulary", "data.compounds",
-                           "eval.chair.text_pipeline", "seed"),
+            config=subtree(*method_config_keys(CFG.method, "sentinel"), *VERIFIER_KEYS, "data.vocabulary",
+                           "data.compounds", "eval.chair.text_pipeline", "seed"),
         threads: workflow.cores
         conda:
             CONDA_ENV

@@ -1,14 +1,14 @@
-# Object verifiers for SENTINEL: two small learned classifiers, trained once per data set on its training split and
-# shared by experiments (like the base model). Defined only when the configured method uses SENTINEL with the
-# learned verifiers (not for APASI, not for the verifier.oracle ablation).
-from halludpo.mixing import method_config_keys, pair_methods
+# Object verifiers: two small learned classifiers, trained once per data set on its training split and shared by
+# experiments (like the base model). Defined only when the configured method uses them (SENTINEL; APASI with
+# method.verify, the verified-APASI extension) and they are learned (not the verifier.oracle ablation).
+from halludpo.mixing import method_config_keys, pair_methods, uses_verifiers
 
 try:
     PAIR_METHODS = pair_methods(CFG.method)
 except ValueError as err:
     raise WorkflowError(str(err)) from None
 USES_SENTINEL = "sentinel" in PAIR_METHODS
-NEEDS_VERIFIERS = USES_SENTINEL and not CFG.verifier.oracle
+NEEDS_VERIFIERS = uses_verifiers(CFG.method) and not CFG.verifier.oracle
 
 if NEEDS_VERIFIERS:
 
