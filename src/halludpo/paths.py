@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on the Hugging Face hub
+
 
 def data_done(cfg: DictConfig) -> Path:
-    """The marker the data stage writes last: its presence means every split is complete."""
-    return Path(cfg.paths.data_dir) / "world.json"
+    """The marker the data stage writes last: its presence means every split is complete (toy: rule render;
+    real data: rule prepare)."""
+    return Path(cfg.paths.data_dir) / ("world.json" if cfg.data.kind == "toy" else "prepared.json")
 
 
 def base_model_dir(cfg: DictConfig) -> Path:
@@ -25,8 +29,22 @@ def model_dir(cfg: DictConfig, k: int) -> Path:
     return base_model_dir(cfg) if k == 0 else round_dir(cfg, k - 1) / "merged"
 
 
-def model_marker(cfg: DictConfig, k: int) -> Path:
-    """A file whose existence means model_k is fully saved (Snakemake tracks files, not folders)."""
+def is_hub_id(path: str | Path) -> bool:
+    """model.path names a hub repository ("llava-hf/llava-1.5-7b-hf"), not a folder on this machine: no folder of
+    that name exists, it does not start like a path ('/', '.', '~') and it has the hub's owner/name form."""
+    text = str(path)
+    return not Path(text).expanduser().exists() and not text.startswith(("/", ".", "~")) and bool(HUB_ID.match(text))
+
+
+def model_marker(cfg: DictConfig, k: int) -> Path | None:
+    """A file whose existence means model_k is fully saved (Snakemake tracks files, not folders).
+
+    None for a model_0 that is a hub id (real families start from their released weights, loaded through the
+    Hugging Face cache): there is no file for Snakemake to track and no rule builds it. The toy family's model_0
+    is pretrained by rule pretrain_base; a real family's model_0 in a local folder is tracked by its config.json.
+    """
+    if k == 0 and cfg.model.family != "toy" and is_hub_id(cfg.model.path):
+        return None
     return model_dir(cfg, k) / "config.json"
 
 

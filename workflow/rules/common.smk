@@ -61,7 +61,9 @@ def subtree(*keys):
 
 
 def model_marker(wildcards):
-    return str(paths.model_marker(CFG, int(wildcards.k)))
+    """model_k's marker file; none for a model_0 given as a hub id (no rule builds it, the stages load it)."""
+    marker = paths.model_marker(CFG, int(wildcards.k))
+    return [] if marker is None else str(marker)
 
 
 wildcard_constraints:

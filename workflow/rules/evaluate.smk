@@ -1,18 +1,25 @@
-rule pope_questions:
-    """POPE question files (random / popular / adversarial) from the evaluation annotations."""
-    input:
-        code=SRC / "metrics" / "pope.py",
-        instances=CFG.data.eval_instances,
-    output:
-        [str(paths.pope_questions(CFG, s)) for s in CFG.eval.pope.splits],
-    params:
-        config=subtree("eval.pope", "eval.seed"),
-    conda:
-        CONDA_ENV
-    log:
-        RESULTS / "logs" / f"pope_questions_{CFG.data.name}.log",
-    shell:
-        stage("evaluate", "pope_questions", step="questions") + " > {log} 2>&1"
+# POPE's question files: sampled from the eval annotations (rule pope_questions, the toy world) or, when the data
+# config names released files (data.sources.pope, COCO), converted from them by the data rule (prepare).
+POPE_QUESTIONS = [str(paths.pope_questions(CFG, s)) for s in CFG.eval.pope.splits]
+RELEASED_POPE = OmegaConf.select(CFG, "data.sources.pope") is not None
+
+if not RELEASED_POPE:
+
+    rule pope_questions:
+        """POPE question files (random / popular / adversarial) from the evaluation annotations."""
+        input:
+            code=SRC / "metrics" / "pope.py",
+            instances=CFG.data.eval_instances,
+        output:
+            [str(paths.pope_questions(CFG, s)) for s in CFG.eval.pope.splits],
+        params:
+            config=subtree("eval.pope", "eval.seed"),
+        conda:
+            CONDA_ENV
+        log:
+            RESULTS / "logs" / f"pope_questions_{CFG.data.name}.log",
+        shell:
+            stage("evaluate", "pope_questions", step="questions") + " > {log} 2>&1"
 
 
 rule evaluate:
@@ -20,7 +27,7 @@ rule evaluate:
     input:
         code=[SRC / "evaluate.py", SRC / "metrics" / "chair.py"],
         generations=str(EXP / "round_{k}" / "generate" / "eval.jsonl"),
-        questions=rules.pope_questions.output,
+        questions=POPE_QUESTIONS,
         model=model_marker,
     output:
         chair=str(EXP / "round_{k}" / "eval" / "chair.json"),

@@ -1,0 +1,164 @@
+"""The real-scale experiments (7B models on COCO): composed values against the papers (methods.md,
+evaluation.md), model_0 from the hub, the data config schema, and a dry run of the whole DAG from nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from halludpo import download, paths
+from halludpo.config import compose, to_plain
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ["apasi_llava15_7b", "apasi_qwen2vl_7b", "sentinel_llava15_7b", "symmpo_llava15_7b"]
+MODELS = {"llava15_7b": ("llava", "llava-hf/llava-1.5-7b-hf"), "qwen2vl_7b": ("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct"),
+          "llava16_7b": ("llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf"),
+          "qwen25vl_7b": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct")}
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_every_real_experiment_runs_on_coco_with_the_paper_protocol(name):
+    cfg = compose([f"experiment={name}"])
+    assert cfg.experiment_name == name
+    assert cfg.data.kind == "coco" and cfg.data.compounds == "coco"
+    assert cfg.model.dtype == "bfloat16" and cfg.model.family in ("llava", "qwen2_vl")
+    t = cfg.train
+    assert t.batch_size * t.grad_accum == 64                                  # global batch 64 on one GPU
+    assert t.bf16 is True and t.deepspeed == "configs/deepspeed/zero2.json"
+    assert (ROOT / t.deepspeed).is_file()
+    assert t.reference == "stored"
+    # evaluation: CHAIR on OPERA's 500 (their order, 512 new tokens, greedy), POPE's 3 released splits
+    assert cfg.eval.chair.n_images == 500 and cfg.eval.chair.max_new_tokens == 512
+    assert cfg.eval.chair.image_ids_file == str(paths.chair_image_ids(cfg))
+    assert cfg.eval.generation.do_sample is False and cfg.eval.generation.num_beams == 1
+    assert list(cfg.eval.pope.splits) == ["random", "popular", "adversarial"]
+    assert set(cfg.data.sources.pope) >= set(cfg.eval.pope.splits)
+    # the downloads prepare reads: COCO 2014 val + annotations, COCO 2017 train, detail-23k, OPERA's list, POPE
+    markers = download.marker_paths(cfg.download, cfg.data.downloads)
+    assert sorted(Path(m).stem for m in markers) == sorted([
+        "coco2014_val_images", "coco2014_annotations", "coco2017_train_images", "llava_detail_23k",
+        "opera_chair500", "pope_coco_random", "pope_coco_popular", "pope_coco_adversarial"])
+    root = cfg.download.root
+    assert cfg.data.gen_images == f"{root}/coco/train2017" and cfg.data.eval_images == f"{root}/coco/val2014"
+    assert cfg.data.sources.detail_23k == f"{root}/llava/detail_23k.json"
+    # model_0 = the released weights: a hub id, no pretraining, nothing for Snakemake to track
+    assert paths.model_marker(cfg, 0) is None and str(paths.model_dir(cfg, 0)) == cfg.model.path
+
+
+@pytest.mark.parametrize("name", ["apasi_llava15_7b", "apasi_qwen2vl_7b"])
+def test_apasi_paper_settings(name):
+    cfg = compose([f"experiment={name}"])
+    m, t = cfg.method, cfg.train
+    assert m.name == "apasi" and m.mode == "replace" and m.templates == "paper"
+    assert list(m.injection_rates) == [0.4, 0.2] and cfg.rounds == 2 and m.skip == 1 and m.top_k == 10
+    assert m.generation.max_new_tokens == 1024 and m.generation.decoding.do_sample is False
+    assert m.generation.n_images is None                      # every detail-23k image
+    assert "Explain the visual content of the image in great detail." in m.generation.prompts
+    assert m.completion.max_new_tokens == 64 and m.completion.repetition_penalty == 1.1
+    assert t.loss == "sigmoid" and t.beta == 0.1 and t.sft_weight == 0.0
+    assert t.lr == 4.0e-7 and t.scheduler == "cosine" and t.warmup_ratio == 0.05 and t.epochs == 3
+    assert t.lora.r == 128 and t.lora.alpha == 256
+    assert re.fullmatch(t.lora.target_modules, "model.language_model.layers.0.mlp.down_proj")
+    assert t.lora.train_projector is (cfg.model.family == "llava")   # Qwen2-VL has no multi_modal_projector
+    assert cfg.model.path == {"apasi_llava15_7b": "llava-hf/llava-1.5-7b-hf",
+                              "apasi_qwen2vl_7b": "Qwen/Qwen2-VL-7B-Instruct"}[name]
+
+
+def test_sentinel_and_symmpo_paper_settings():
+    s = compose(["experiment=sentinel_llava15_7b"])
+    assert s.method.name == "sentinel" and s.verifier.kind == "detector" and s.rounds == 1
+    assert s.method.instances == s.data.gen_instances and s.method.images_dir == s.data.gen_images
+    assert s.method.sampling.n == 10 and s.method.sampling.temperature == 0.7
+    assert (s.train.loss, s.train.beta, s.train.lr, s.train.epochs) == ("cdpo", 0.1, 2.0e-6, 1)
+    assert (s.train.lora.r, s.train.lora.alpha) == (128, 256)
+    y = compose(["experiment=symmpo_llava15_7b"])
+    assert y.contrast.kind == "neighbour" and y.train.loss == "symmpo"
+    assert to_plain(y.train.symmpo) == {"beta1": 0.1, "beta2": 0.1, "lam": 0.5, "gamma": 1.0e-4}
+    assert (y.train.lr, y.train.epochs, y.train.lora.r, y.train.lora.alpha) == (1.0e-5, 3, 64, 128)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_model_configs(model):
+    cfg = compose(["experiment=apasi_llava15_7b", f"model={model}"])
+    assert (cfg.model.family, cfg.model.path, cfg.model.dtype) == (*MODELS[model], "bfloat16")
+    assert "pretrain" not in cfg.model and paths.model_marker(cfg, 0) is None
+
+
+def test_model_0_marker_by_kind_of_path(tmp_path):
+    toy = compose()
+    assert paths.model_marker(toy, 0) == Path(toy.model.path) / "config.json"     # built by pretrain_base
+    local = compose(["experiment=apasi_llava15_7b", f"model.path={tmp_path}"])
+    assert paths.model_marker(local, 0) == tmp_path / "config.json"              # a folder on this machine
+    relative = compose(["experiment=apasi_llava15_7b", "model.path=./models/llava"])
+    assert paths.model_marker(relative, 0) == Path("models/llava/config.json")   # a path, never a hub id
+    hub = compose(["experiment=apasi_llava15_7b"])
+    assert paths.model_marker(hub, 0) is None
+    assert paths.model_marker(hub, 1) == Path("results/apasi_llava15_7b/round_0/merged/config.json")
+    assert paths.is_hub_id("org/name-1.5") and not paths.is_hub_id("results/models/x") \
+        and not paths.is_hub_id("/abs/x") and not paths.is_hub_id("name")
+
+
+@pytest.mark.parametrize("experiment, change, ok", [
+    ("toy_apasi", {}, True),
+    ("apasi_llava15_7b", {}, True),
+    ("apasi_llava15_7b", {"eval_images": None}, False),
+    ("apasi_llava15_7b", {"sources": None}, False),          # coco needs its downloaded sources
+    ("toy_apasi", {"compounds": "lvis"}, False),
+])
+def test_data_config_schema(experiment, change, ok):
+    """workflow/schemas/data_config.schema.yaml: the keys every stage reads (checked when the Snakefile loads)."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    schema = str(ROOT / "workflow" / "schemas" / "data_config.schema.yaml")
+    data = to_plain(compose([f"experiment={experiment}"]).data)
+    data = {k: v for k, v in (data | change).items() if not (k == "sources" and v is None)}
+    if ok:
+        validate(data, schema, set_default=False)
+    else:
+        with pytest.raises(WorkflowError):
+            validate(data, schema, set_default=False)
+
+
+def job_counts(text: str) -> dict[str, int]:
+    table = text.split("Job stats:")[-1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def dry_run(workdir: Path, experiment: str) -> subprocess.CompletedProcess:
+    """`snakemake -n --config overrides="[experiment=...]"` in an empty folder (a clean checkout: no files)."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "-n", "-s", str(ROOT / "Snakefile"), "--directory",
+           str(workdir), "--config", f"overrides=[experiment={experiment}]"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+EXPECTED_JOBS = {  # rounds R: generate = (R+1) eval + R gen; evaluate = R+1; per round: pairs, reference, dpo, merge
+    "apasi_llava15_7b": {"download": 8, "prepare": 1, "generate": 5, "inject": 2, "reference_logps": 2, "dpo": 2,
+                         "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
+    "apasi_qwen2vl_7b": {"download": 8, "prepare": 1, "generate": 5, "inject": 2, "reference_logps": 2, "dpo": 2,
+                         "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
+    "symmpo_llava15_7b": {"download": 8, "prepare": 1, "generate": 5, "inject": 2, "contrast_embeddings": 2,
+                          "contrast": 2, "reference_logps": 2, "dpo": 2, "merge": 2, "evaluate": 3, "summarize": 1,
+                          "all": 1},
+    "sentinel_llava15_7b": {"download": 8, "prepare": 1, "generate": 2, "train_verifiers": 1, "sentinel": 1,
+                            "reference_logps": 1, "dpo": 1, "merge": 1, "evaluate": 2, "summarize": 1, "all": 1},
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPECTED_JOBS))
+def test_dry_run_plans_the_whole_dag_from_nothing(tmp_path, experiment):
+    result = dry_run(tmp_path, experiment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert job_counts(out) == EXPECTED_JOBS[experiment] | {"total": sum(EXPECTED_JOBS[experiment].values())}
+    # no toy rule: no rendering, no pretraining, no sampled POPE questions; model_0 is never a file input
+    for rule in ("render", "pretrain_base", "pope_questions"):
+        assert f"rule {rule}:" not in out
+    assert "results/data/coco/pope/random.jsonl" in out and "results/downloads/done/llava_detail_23k.json" in out
+    assert "llava-hf" not in out and "Qwen/" not in out
