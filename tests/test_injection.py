@@ -328,7 +328,8 @@ def test_build_apasi_pairs_with_verdicts():
     everything_but = set(TOY_OBJECTS) - {"cup", "bowl", "frisbee"}
     verdicts = _verdicts(gens, present=everything_but, both_absent={"cup", "bowl", "frisbee"})
     rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
-                                    TOY_TEMPLATES, seed=3, verdicts=verdicts, verify_chosen=True)
+                                    TOY_TEMPLATES, seed=3, verdicts=verdicts, verify_injected=True,
+                                    verify_chosen=True)
     assert rows and stats["dropped_sentences"] == 1 and stats["skipped_all_dropped"] == 0
     for row in rows:
         injected = set(row["meta"]["injected_objects"])
@@ -340,11 +341,36 @@ def test_build_apasi_pairs_with_verdicts():
                              "there is a bird ."
     # without verify_chosen the chosen responses are the model's own, verbatim
     rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
-                                    TOY_TEMPLATES, seed=3, verdicts=verdicts)
+                                    TOY_TEMPLATES, seed=3, verdicts=verdicts, verify_injected=True)
     assert stats["dropped_sentences"] == 0 and all("dropped_sentences" not in r["meta"] for r in rows)
     with pytest.raises(ValueError, match="verdicts"):
         build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert", TOY_TEMPLATES,
                           seed=3, verdicts=verdicts[:2])
+
+
+def test_verify_complete_gives_the_chosen_the_same_insertion_about_a_missed_true_object():
+    gens = _generations()[:1]  # RESPONSE mentions dog, frisbee, bench, bird
+    verdicts = _verdicts(gens, present=set(), both_absent={"cup", "bowl", "fork", "knife", "spoon"})  # seen: kite
+    completer = FakeCompleter()
+    (row,), stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, completer, 0.4, 1, "insert",
+                                      TOY_TEMPLATES, seed=0, verdicts=verdicts, verify_injected=True,
+                                      verify_complete=True)
+    assert stats["faithful_insertions"] == 1 and row["meta"]["faithful_objects"] == ["kite"]
+    first = row["meta"]["inserted_indices"][0]
+    chosen, rejected = split_sentences(row["chosen"]), split_sentences(row["rejected"])
+    sentences = split_sentences(RESPONSE)
+    # the chosen response = RESPONSE + the kite sentence after the first insertion point, same template
+    assert len(chosen) == len(sentences) + 1 and "kite" in chosen[first + 1]
+    assert chosen[first + 1].replace("kite", "X") == rejected[first + 1].replace(row["meta"]["injected_objects"][0], "X")
+    assert rejected[first + 1] != chosen[first + 1] and not set(row["meta"]["injected_objects"]) & {"kite"}
+    # no missed object seen by both verifiers: the chosen response stays the model's own
+    none_seen = _verdicts(gens, present=set(), both_absent=set(TOY_OBJECTS) - toy_objects_of(RESPONSE))
+    (row,), stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
+                                      TOY_TEMPLATES, seed=0, verdicts=none_seen, verify_complete=True)
+    assert row["chosen"] == RESPONSE and row["meta"]["faithful_objects"] == [] and stats["faithful_insertions"] == 0
+    with pytest.raises(ValueError, match="verdicts"):
+        build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert", TOY_TEMPLATES,
+                          seed=0, verify_complete=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -149,20 +149,24 @@ def test_pairs_stage_asks_the_learned_verifiers(tiny_world, sentence_model, tmp_
 
 def test_verified_apasi_injects_only_absent_objects_and_cleans_the_chosen(tiny_world, sentence_model, tmp_path):
     """method.verify (extension) through the APASI pairs stage, with the annotation oracle as both verifiers: the
-    "generations" are the training captions, which name an absent object on purpose (the language prior)."""
+    "generations" are the training captions, which name an absent object on purpose (the language prior), each
+    without its second sentence (so they miss a true object)."""
+    from halludpo.injection import split_sentences
     from halludpo.io import write_jsonl
 
     cfg = compose([f"paths.results={tmp_path}", f"paths.data_dir={tiny_world}", f"model.path={sentence_model}",
                    "data.world.image_size=32", "eval.chair.text_pipeline=offline", "method.mode=insert",
-                   "method.verify.injected=true", "method.verify.chosen=true", "verifier.oracle=true",
+                   "method.verify.injected=true", "method.verify.chosen=true", "method.verify.complete=true",
+                   "verifier.oracle=true",
                    "data.gen_instances=${data.train_instances}", "data.gen_images=${data.train_images}",
                    "method.completion.max_new_tokens=8"])
     captions = json.loads((tiny_world / "train" / "captions.json").read_text())["annotations"]
     images = json.loads((tiny_world / "train" / "instances.json").read_text())["images"]
     files = {im["id"]: im["file_name"] for im in images}
-    write_jsonl(paths.gen_generations(cfg, 0), [
+    write_jsonl(paths.gen_generations(cfg, 0), [  # the caption without its second sentence: a missed object
         {"image_id": c["image_id"], "image_path": str(tiny_world / "train" / "images" / files[c["image_id"]]),
-         "prompt": "Please describe this image in detail.", "response": c["caption"], "model": "toy", "round": 0}
+         "prompt": "Please describe this image in detail.", "model": "toy", "round": 0,
+         "response": "".join(s for i, s in enumerate(split_sentences(c["caption"])) if i != 1)}
         for c in captions])
     pairs.run(cfg)
     rows = read_jsonl(paths.pairs_jsonl(cfg, 0))
@@ -173,9 +177,14 @@ def test_verified_apasi_injects_only_absent_objects_and_cleans_the_chosen(tiny_w
     for row in rows:
         injected = row["meta"]["injected_objects"]
         assert not truth.present([row["image_path"]], injected)[0].any()  # never a true object
+        faithful = row["meta"]["faithful_objects"]
+        assert truth.present([row["image_path"]], faithful)[0].all()   # the chosen insertion: a true object
+        assert all(o in row["chosen"] for o in faithful)
         if hallucinated[row["image_id"]]:
             assert row["meta"]["dropped_sentences"] and hallucinated[row["image_id"]] not in row["chosen"]
-        assert len(row["rejected"]) > len(row["chosen"])  # insert mode: chosen + an injected sentence
+        if not faithful:
+            assert len(row["rejected"]) > len(row["chosen"])  # insert mode: chosen + an injected sentence
+    assert stats["faithful_insertions"] > 0
 
 
 def test_method_selection_and_the_refused_multi_select():
@@ -220,6 +229,7 @@ def test_mix_pairs_concatenates_with_per_method_weights_and_caps():
 
 
 def test_mix_step_writes_pairs_jsonl(tmp_path):
+    from halludpo.injection import split_sentences
     from halludpo.io import write_jsonl
 
     cfg = compose([f"paths.results={tmp_path}", "experiment=toy_apasi_sentinel", "step=mix",

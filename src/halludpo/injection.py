@@ -25,7 +25,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -308,9 +308,25 @@ def inject(response: str, objects_of: Callable[[str], set[str]], co_freq: dict[s
             return None
         key, obj = choice
         injected.append(obj)
-        plan.append({"index": index, "action": action, "object": obj, "key_object": key,
-                     "template_prefix": fill_template(rng.choice(templates), obj)})
+        template = rng.choice(templates)
+        plan.append({"index": index, "action": action, "object": obj, "key_object": key, "template": template,
+                     "template_prefix": fill_template(template, obj)})
     return {"sentences": sentences, "plan": plan, "mode": action}
+
+
+def faithful_insertions(plan: Sequence[dict], missed_objects: set[str], rng: random.Random) -> list[dict]:
+    """Verified APASI (verify.complete): for the plan's insertions, in order, the same insertion with the object
+    swapped for one the response does not mention but both verifiers find in the image (drawn without
+    replacement) — while such objects remain. The chosen response gets these, so chosen and rejected go on at the
+    same place and differ in the object: the pair teaches which object, not where to stop."""
+    missed = sorted(missed_objects)
+    steps = []
+    for step in plan:
+        if step["action"] != "insert" or not missed:
+            continue
+        obj = missed.pop(rng.randrange(len(missed)))
+        steps.append(step | {"object": obj, "template_prefix": fill_template(step["template"], obj)})
+    return steps
 
 
 def realize(plan_result: dict[str, Any], completions: dict[int, str]) -> str:
@@ -351,6 +367,21 @@ def chair_objects_of(scorer) -> Callable[[str], set[str]]:
     return lambda text: {category for _, category in scorer.objects(text)}
 
 
+def _complete_steps(completer, jobs: list[tuple[Sequence[str], dict]]) -> Iterator[str]:
+    """The completed sentence of every (sentences, plan step), in order, without its preceding context: one
+    completer.complete call on prefixes = original preceding text + template prefix."""
+    contexts = [injection_context(sentences, step["index"], step["action"]) for sentences, step in jobs]
+    prefixes = [context + step["template_prefix"] for context, (_, step) in zip(contexts, jobs)]
+    for context, text in zip(contexts, completer.complete(prefixes) if prefixes else []):
+        if not text.startswith(context):
+            raise ValueError(f"completer changed its prefix: {context!r} -> {text!r}")
+        yield text[len(context):]
+
+
+def _both_present(verdict: dict[str, tuple[bool, bool]]) -> list[str]:
+    return [o for o, (a, b) in verdict.items() if a and b]
+
+
 def _verified_objects(verdict: dict[str, tuple[bool, bool]] | None) -> tuple[set[str], set[str]]:
     """(objects either verifier finds in the image, objects both find absent)."""
     if verdict is None:
@@ -367,7 +398,8 @@ def _plannable(response: str, rate: float, skip: int) -> bool:
 def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[str]], vocabulary: Sequence[str],
                       completer, rate: float, skip: int, mode: str, templates: Sequence[str], seed: int,
                       top_k: int = 10, verdicts: Sequence[dict[str, tuple[bool, bool]]] | None = None,
-                      verify_chosen: bool = False) -> tuple[list[dict], dict]:
+                      verify_injected: bool = False, verify_chosen: bool = False,
+                      verify_complete: bool = False) -> tuple[list[dict], dict]:
     """APASI pairs (pairs.jsonl rows) from generations.jsonl rows, and counts.
 
     Co-occurrence statistics come from the model's OWN responses. Each response is planned with
@@ -375,21 +407,24 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
     sentences are completed in one completer.complete call on prefixes = original preceding text + template
     prefix. Rows whose rejected text equals the chosen one are dropped.
     meta.mode is the configured mode; replaced_indices / inserted_indices show what "both" picked.
-    verdicts (extension, one per generation): {category: (verifier A present, verifier B present)}; an object
-    either verifier finds is never injected, and with verify_chosen the sentences naming an object both find
-    absent are dropped from the chosen response first (meta.dropped_sentences).
+    verdicts (extension, one per generation): {category: (verifier A present, verifier B present)}; with
+    verify_injected an object either verifier finds is never injected; with verify_chosen the sentences naming an object both find
+    absent are dropped from the chosen response first (meta.dropped_sentences); with verify_complete the chosen
+    response gets faithful_insertions (meta.faithful_objects), completed like the injected ones.
     Stats: responses, pairs, skipped_rate (too few sentences), skipped_no_objects, skipped_identical,
-    and with verdicts dropped_sentences, skipped_all_dropped.
+    and with verdicts dropped_sentences, skipped_all_dropped, faithful_insertions.
     """
     if verdicts is not None and len(verdicts) != len(generations):
         raise ValueError(f"{len(verdicts)} verdicts for {len(generations)} generations")
+    if (verify_injected or verify_chosen or verify_complete) and verdicts is None:
+        raise ValueError("verify_injected / verify_chosen / verify_complete need the verifiers' verdicts")
     _, co_freq = object_statistics(objects_of(g["response"]) for g in generations)
     stats = {"responses": len(generations), "pairs": 0, "skipped_rate": 0, "skipped_no_objects": 0,
              "skipped_identical": 0}
     if verdicts is not None:
-        stats |= {"dropped_sentences": 0, "skipped_all_dropped": 0}
+        stats |= {"dropped_sentences": 0, "skipped_all_dropped": 0, "faithful_insertions": 0}
     seen: Counter = Counter()
-    planned: list[tuple[dict, dict]] = []
+    planned: list[tuple[dict, dict, list[dict]]] = []
     for i, gen in enumerate(generations):
         rng = random.Random(f"{seed}/{gen['image_id']}/{seen[gen['image_id']]}")
         seen[gen["image_id"]] += 1
@@ -405,36 +440,32 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
             stats["skipped_rate"] += 1
             continue
         result = inject(gen["response"], objects_of, co_freq, vocabulary, rate, skip, mode, templates, rng, top_k,
-                        exclude=present)
+                        exclude=present if verify_injected else ())
         if result is None:
             stats["skipped_no_objects"] += 1
             continue
-        planned.append((gen, result))
+        missed = (set(_both_present(verdicts[i])) - set(objects_of(gen["response"]))) if verify_complete else set()
+        faithful = faithful_insertions(result["plan"], missed, rng)
+        if verdicts is not None:
+            stats["faithful_insertions"] += len(faithful)
+        planned.append((gen, result, faithful))
 
-    contexts, prefixes = [], []
-    for _, result in planned:
-        for step in result["plan"]:
-            context = injection_context(result["sentences"], step["index"], step["action"])
-            contexts.append(context)
-            prefixes.append(context + step["template_prefix"])
-    completed = iter(zip(contexts, completer.complete(prefixes)) if prefixes else [])
-
+    completions = _complete_steps(completer, [(result["sentences"], step) for _, result, faithful in planned
+                                              for step in [*result["plan"], *faithful]])
     rows = []
-    for gen, result in planned:
-        completions = {}
-        for step in result["plan"]:
-            context, text = next(completed)
-            if not text.startswith(context):
-                raise ValueError(f"completer changed its prefix: {context!r} -> {text!r}")
-            completions[step["index"]] = text[len(context):]
-        rejected = realize(result, completions)
-        if rejected == gen["response"]:
+    for gen, result, faithful in planned:
+        rejected = realize(result, {step["index"]: next(completions) for step in result["plan"]})
+        chosen = gen["response"]
+        if faithful:
+            chosen = realize({"sentences": result["sentences"], "plan": faithful},
+                             {step["index"]: next(completions) for step in faithful})
+        if rejected == chosen:
             stats["skipped_identical"] += 1
             continue
         plan = result["plan"]
         rows.append({
             "image_id": gen["image_id"], "image_path": gen["image_path"], "prompt": gen["prompt"], "context": "",
-            "chosen": gen["response"], "rejected": rejected, "method": "apasi",
+            "chosen": chosen, "rejected": rejected, "method": "apasi",
             "meta": {
                 "mode": mode, "rate": rate, "skip": skip,
                 "injected_objects": [s["object"] for s in plan],
@@ -443,6 +474,7 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
                 "inserted_indices": [s["index"] for s in plan if s["action"] == "insert"],
                 "generator_model": gen.get("model"), "round": gen.get("round"),
                 **({"dropped_sentences": gen["dropped_sentences"]} if "dropped_sentences" in gen else {}),
+                **({"faithful_objects": [s["object"] for s in faithful]} if verify_complete else {}),
             },
         })
     stats["pairs"] = len(rows)

@@ -36,7 +36,7 @@ def pair_methods(method_cfg: Mapping) -> list[str]:
 def apasi_verifies(method_cfg: Mapping) -> bool:
     """Whether APASI's pairs are checked by the two object verifiers (method.verify, an extension)."""
     verify = method_cfg.get("verify") or {}
-    return bool(verify.get("injected") or verify.get("chosen"))
+    return any(bool(verify.get(key)) for key in ("injected", "chosen", "complete"))
 
 
 def uses_verifiers(method_cfg: Mapping) -> bool:

@@ -77,7 +77,9 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     rows, stats = build_apasi_pairs(generations, objects_of, vocabulary, completer, rate=rate, skip=method.skip,
                                     mode=method.mode, templates=templates_for(method.templates, cfg.data.kind),
                                     seed=cfg.seed + k, top_k=method.top_k, verdicts=verdicts,
-                                    verify_chosen=bool(verify.get("chosen")))
+                                    verify_injected=bool(verify.get("injected")),
+                                    verify_chosen=bool(verify.get("chosen")),
+                                    verify_complete=bool(verify.get("complete")))
     if not rows:
         raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
                          f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
