@@ -144,6 +144,27 @@ def test_the_stages_read_what_prepare_writes(downloads, tmp_path):
     assert truth[3] == {"person", "dining table", "dog", "bowl"} and truth[1] == {"person", "dog", "bowl"}
 
 
+def test_generation_can_use_each_images_own_detail_23k_prompt(downloads, tmp_path, tiny_model_dir):
+    """method.generation.prompts=image: generate asks each gen image with its own prompt from prepare's
+    instances (the real tiny toy model describes the fixture's COCO images); an image without one is refused."""
+    from halludpo.generate import IMAGE_PROMPTS, describe_images
+    from halludpo.io import InputError
+    from halludpo.models import load_model_and_processor
+
+    out = tmp_path / "coco"
+    prepare(downloads, out)
+    images = read_json(out / LAYOUT["gen_instances"])["images"]
+    model, processor = load_model_and_processor(tiny_model_dir, "toy")
+    rows = describe_images(model, processor, images, downloads / "coco/train2017", IMAGE_PROMPTS,
+                           {"do_sample": False}, 4, 2, 0, "toy", 0)
+    assert [r["prompt"] for r in rows] == [im["prompt"] for im in images]
+    assert rows[1]["prompt"] == "Explain the visual content of the image in great detail."
+    assert all(isinstance(r["response"], str) for r in rows)
+    with pytest.raises(InputError, match="no `prompt`"):
+        describe_images(model, processor, [{k: v for k, v in images[0].items() if k != "prompt"}],
+                        downloads / "coco/train2017", IMAGE_PROMPTS, {"do_sample": False}, 4, 2, 0, "toy", 0)
+
+
 def test_the_hydra_stage_writes_the_configured_files(downloads, tmp_path, caplog):
     cfg = compose(["experiment=apasi_llava15_7b", f"paths.results={tmp_path}/results", f"download.root={downloads}"])
     run(cfg)
@@ -152,13 +173,14 @@ def test_the_hydra_stage_writes_the_configured_files(downloads, tmp_path, caplog
     assert paths.data_done(cfg).is_file() and paths.chair_image_ids(cfg).is_file()
     assert all(paths.pope_questions(cfg, s).is_file() for s in cfg.eval.pope.splits)
     assert cfg.eval.chair.image_ids_file == str(paths.chair_image_ids(cfg))
-    # the fixture's prompts are 2 of the 9 configured ones: prepare says so
-    assert any("no detail-23k entry uses" in r.getMessage() for r in caplog.records)
+    # each image's own prompt: nothing to compare; a configured list that is not detail-23k's set is reported
+    assert not any("detail-23k entry uses" in r.getMessage() for r in caplog.records)
 
 
 def test_prompt_mismatch_warnings():
-    cfg = compose(["experiment=apasi_llava15_7b"])
-    configured = list(cfg.method.generation.prompts)
+    assert warn_prompt_mismatch(compose(["experiment=apasi_llava15_7b"]), ["What is this photo about?"]) == []
+    configured = ["What is this photo about?", "Explain the visual content of the image in great detail."]
+    cfg = compose(["experiment=apasi_llava15_7b", f"method.generation.prompts={configured}"])
     assert warn_prompt_mismatch(cfg, configured) == []
     warnings = warn_prompt_mismatch(cfg, configured[1:] + ["Describe it."])
     assert len(warnings) == 2 and "'Describe it.'" in warnings[1]

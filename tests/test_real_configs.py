@@ -58,7 +58,7 @@ def test_apasi_paper_settings(name):
     assert list(m.injection_rates) == [0.4, 0.2] and cfg.rounds == 2 and m.skip == 1 and m.top_k == 10
     assert m.generation.max_new_tokens == 1024 and m.generation.decoding.do_sample is False
     assert m.generation.n_images is None                      # every detail-23k image
-    assert "Explain the visual content of the image in great detail." in m.generation.prompts
+    assert m.generation.prompts == "image"                    # each image's own detail-23k prompt
     assert m.completion.max_new_tokens == 64 and m.completion.repetition_penalty == 1.1
     assert t.loss == "sigmoid" and t.beta == 0.1 and t.sft_weight == 0.0
     assert t.lr == 4.0e-7 and t.scheduler == "cosine" and t.warmup_ratio == 0.05 and t.epochs == 3

@@ -294,10 +294,11 @@ def check_layout(cfg: DictConfig) -> None:
 
 
 def warn_prompt_mismatch(cfg: DictConfig, prompts: Sequence[str]) -> list[str]:
-    """generate draws each image's prompt from method.generation.prompts (seeded), not each image's own
-    detail-23k prompt: say when the configured list is not the detail-23k prompt set. Returns the warnings."""
+    """With a prompt list, generate draws each image's prompt from method.generation.prompts (seeded), not each
+    image's own detail-23k prompt (method.generation.prompts=image): say when the configured list is not the
+    detail-23k prompt set. Returns the warnings."""
     configured = OmegaConf.select(cfg, "method.generation.prompts")
-    if configured is None:
+    if configured is None or isinstance(configured, str):
         return []
     warnings = []
     outside, absent = sorted(set(configured) - set(prompts)), sorted(set(prompts) - set(configured))

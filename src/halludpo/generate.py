@@ -41,15 +41,28 @@ def select_images(instances_path: str | Path, n_images: int | None, seed: int,
     return sorted(random.Random(seed).sample(images, n_images), key=lambda im: im["id"])
 
 
+IMAGE_PROMPTS = "image"  # method.generation.prompts: each image's own prompt (images[].prompt of the instances)
+
+
+def image_prompt(image: dict) -> str:
+    if not isinstance(image.get("prompt"), str) or not image["prompt"].strip():
+        raise InputError(f"image {image.get('id')} ({image.get('file_name')}): no `prompt` in the instances file, "
+                         f"which method.generation.prompts={IMAGE_PROMPTS!r} needs; give a prompt list instead")
+    return image["prompt"]
+
+
 def describe_images(model, processor, images: list[dict], images_dir: str | Path, prompts: str | list[str],
                     generation: dict, max_new_tokens: int, batch_size: int, seed: int, model_name: str,
                     round_k: int) -> list[dict]:
-    """One description per image; with a list of prompts, each image gets one drawn with the seed."""
+    """One description per image; with a list of prompts, each image gets one drawn with the seed; with
+    prompts == IMAGE_PROMPTS, each image's own `prompt` field of the instances file (COCO: detail-23k's)."""
     paths_ = [str(Path(images_dir) / im["file_name"]) for im in images]
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    rng = random.Random(seed)
-    per_image = [prompts[0] if len(prompts) == 1 else rng.choice(prompts) for _ in images]
+    if prompts == IMAGE_PROMPTS:
+        per_image = [image_prompt(im) for im in images]
+    else:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        rng = random.Random(seed)
+        per_image = [prompts[0] if len(prompts) == 1 else rng.choice(prompts) for _ in images]
     kwargs = decoding_kwargs(generation, max_new_tokens)
     responses = generate_texts(model, processor, paths_, per_image, kwargs, batch_size, seed,
                                desc=f"describe r{round_k}")
@@ -71,7 +84,8 @@ def run(cfg: DictConfig) -> None:
         gen = cfg.method.generation
         seed = cfg.seed + 1000 * k  # new samples every round when sampling
         images = select_images(cfg.data.gen_instances, gen.n_images, seed)
-        images_dir, prompts, generation = cfg.data.gen_images, list(gen.prompts), to_plain(gen.decoding)
+        prompts = gen.prompts if isinstance(gen.prompts, str) else list(gen.prompts)
+        images_dir, generation = cfg.data.gen_images, to_plain(gen.decoding)
         max_new_tokens, batch_size = gen.max_new_tokens, gen.batch_size
         out = paths.gen_generations(cfg, k)
     else:
