@@ -316,8 +316,8 @@ def test_inject_never_picks_an_excluded_object():
 
 
 def _verdicts(gens, present: set[str], both_absent: set[str]):
-    """Per generation: objects in `present` seen by verifier A only (one is enough to block injection), objects in
-    `both_absent` rejected by both, every other object seen by both."""
+    """Per generation: objects in `present` seen by verifier A only (a disagreement), objects in `both_absent`
+    rejected by both, every other object seen by both."""
     def verdict(o):
         return (True, False) if o in present else (False, False) if o in both_absent else (True, True)
     return [{o: verdict(o) for o in TOY_OBJECTS} for _ in gens]
@@ -325,15 +325,14 @@ def _verdicts(gens, present: set[str], both_absent: set[str]):
 
 def test_build_apasi_pairs_with_verdicts():
     gens = _generations()
-    everything_but = set(TOY_OBJECTS) - {"cup", "bowl", "frisbee"}
-    verdicts = _verdicts(gens, present=everything_but, both_absent={"cup", "bowl", "frisbee"})
+    verdicts = _verdicts(gens, present=set(), both_absent={"cup", "bowl", "frisbee"})
     rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
                                     TOY_TEMPLATES, seed=3, verdicts=verdicts, verify_injected=True,
                                     verify_chosen=True)
     assert rows and stats["dropped_sentences"] == 1 and stats["skipped_all_dropped"] == 0
     for row in rows:
         injected = set(row["meta"]["injected_objects"])
-        assert injected <= {"cup", "bowl", "frisbee"}   # only objects both verifiers call absent
+        assert injected <= {"cup", "bowl", "frisbee"}   # never an object both verifiers see
         assert "frisbee" not in row["chosen"]            # the chosen response lost its hallucinated sentence
     (park,) = [r for r in rows if r["image_id"] == 0]
     assert park["meta"]["dropped_sentences"] == [2]
@@ -368,6 +367,12 @@ def test_verify_complete_gives_the_chosen_the_same_insertion_about_a_missed_true
     (row,), stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
                                       TOY_TEMPLATES, seed=0, verdicts=none_seen, verify_complete=True)
     assert row["chosen"] == RESPONSE and row["meta"]["faithful_objects"] == [] and stats["faithful_insertions"] == 0
+    # a disagreement (kite seen by one verifier) is neither a missed true object nor a hallucination to drop
+    disagree = _verdicts(gens, present={"kite", "frisbee"}, both_absent={"cup", "bowl", "fork", "knife", "spoon"})
+    (row,), stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
+                                      TOY_TEMPLATES, seed=0, verdicts=disagree, verify_complete=True,
+                                      verify_chosen=True)
+    assert row["meta"]["faithful_objects"] == [] and "frisbee" in row["chosen"] and stats["dropped_sentences"] == 0
     with pytest.raises(ValueError, match="verdicts"):
         build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert", TOY_TEMPLATES,
                           seed=0, verify_complete=True)

@@ -10,7 +10,7 @@ Extension ("insert" mode): the injected sentence is inserted after the selected 
 so rejected = chosen + one extra sentence per selection: the pair teaches against the extra-object hallucination.
 
 Extension ("verified APASI", method.verify): two object verifiers (those of SENTINEL, rule train_verifiers) check
-each image; an object either verifier finds in the image is never injected (else the rejected response would hold a
+each image; an object both verifiers find in the image is never injected (else the rejected response would hold a
 true object and DPO would teach the model to leave real objects out), and with verify.chosen the chosen response
 loses its sentences naming an object both verifiers find absent (the model's own hallucinations, which the SFT term
 would otherwise reinforce).
@@ -378,15 +378,11 @@ def _complete_steps(completer, jobs: list[tuple[Sequence[str], dict]]) -> Iterat
         yield text[len(context):]
 
 
-def _both_present(verdict: dict[str, tuple[bool, bool]]) -> list[str]:
-    return [o for o, (a, b) in verdict.items() if a and b]
-
-
 def _verified_objects(verdict: dict[str, tuple[bool, bool]] | None) -> tuple[set[str], set[str]]:
-    """(objects either verifier finds in the image, objects both find absent)."""
+    """(objects both verifiers find in the image, objects both find absent); disagreements are in neither."""
     if verdict is None:
         return set(), set()
-    return ({o for o, (a, b) in verdict.items() if a or b}, {o for o, (a, b) in verdict.items() if not (a or b)})
+    return ({o for o, (a, b) in verdict.items() if a and b}, {o for o, (a, b) in verdict.items() if not (a or b)})
 
 
 def _plannable(response: str, rate: float, skip: int) -> bool:
@@ -408,7 +404,7 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
     prefix. Rows whose rejected text equals the chosen one are dropped.
     meta.mode is the configured mode; replaced_indices / inserted_indices show what "both" picked.
     verdicts (extension, one per generation): {category: (verifier A present, verifier B present)}; with
-    verify_injected an object either verifier finds is never injected; with verify_chosen the sentences naming an object both find
+    verify_injected an object both verifiers find is never injected; with verify_chosen the sentences naming an object both find
     absent are dropped from the chosen response first (meta.dropped_sentences); with verify_complete the chosen
     response gets faithful_insertions (meta.faithful_objects), completed like the injected ones.
     Stats: responses, pairs, skipped_rate (too few sentences), skipped_no_objects, skipped_identical,
@@ -444,7 +440,7 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
         if result is None:
             stats["skipped_no_objects"] += 1
             continue
-        missed = (set(_both_present(verdicts[i])) - set(objects_of(gen["response"]))) if verify_complete else set()
+        missed = (present - set(objects_of(gen["response"]))) if verify_complete else set()
         faithful = faithful_insertions(result["plan"], missed, rng)
         if verdicts is not None:
             stats["faithful_insertions"] += len(faithful)
