@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 CORES ?= 2
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean slurm-profile slurm-deps
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,23 @@ test: setup
 
 clean:
 	rm -rf results .snakemake
+
+# SLURM: installs workflow/profiles/slurm as your Snakemake profile "slurm" (~/.config/snakemake/slurm), so that
+# `snakemake --profile slurm` works from the checkout; the plugin comes with setup (pyproject.toml). A copy, yours to
+# edit; running it again replaces it and keeps the previous one as config.yaml.bak.
+SNAKEMAKE_PROFILES ?= $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
+slurm-profile: setup
+	mkdir -p $(SNAKEMAKE_PROFILES)/slurm
+	if [ -f $(SNAKEMAKE_PROFILES)/slurm/config.yaml ] && \
+	   ! cmp -s workflow/profiles/slurm/config.yaml $(SNAKEMAKE_PROFILES)/slurm/config.yaml; then \
+	  cp $(SNAKEMAKE_PROFILES)/slurm/config.yaml $(SNAKEMAKE_PROFILES)/slurm/config.yaml.bak; fi
+	cp workflow/profiles/slurm/config.yaml $(SNAKEMAKE_PROFILES)/slurm/config.yaml
+	@echo "installed $(SNAKEMAKE_PROFILES)/slurm/config.yaml: snakemake --profile slurm"
+
+# Debian's SLURM and MUNGE for tests/test_slurm.py (a one-node cluster on localhost); as root. Does nothing when
+# they are installed already.
+slurm-deps:
+	@if [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] && \
+	    command -v sbatch >/dev/null; then echo "slurm-deps: slurm-wlm and munge are installed"; \
+	else apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge; fi

@@ -27,6 +27,37 @@ rule reference_logps:
         + " > {log} 2>&1"
 
 
+def dpo_gpus():
+    """GPUs of rule dpo as the profile or --set-resources give them (dpo:gpu=N); 1 when not set.
+
+    Read at parse time, here and in every SLURM job (snakemake passes --set-resources on to the job), so the
+    command and the GPUs SLURM allocates agree."""
+    gpu = (workflow.resource_settings.overwrite_resources.get("dpo") or {}).get("gpu")
+    gpu = getattr(gpu, "value", gpu)  # a snakemake Resource, or a plain value
+    try:
+        return max(1, int(gpu or 1))
+    except (TypeError, ValueError):
+        raise WorkflowError(f"rule dpo: resource gpu={gpu!r} must be a whole number of GPUs") from None
+
+
+ACCELERATE_CONFIG = shlex.quote(str(Path(workflow.basedir) / "configs" / "accelerate" / "multi_gpu.yaml"))
+
+
+def dpo_command():
+    """One process (`python -m halludpo.train`) for CPU or one GPU -- the command text rule dpo always had, so
+    existing results do not rerun -- and `accelerate launch` with one process per GPU when the rule has more
+    (data parallel; train.deepspeed=configs/deepspeed/zero2.json or zero3.json shards it with DeepSpeed ZeRO).
+    The port comes from the SLURM job id, so two multi-GPU jobs on one node do not collide."""
+    command = "OMP_NUM_THREADS={threads} " + stage("train", "dpo", round="{wildcards.k}", step="dpo") + " > {log} 2>&1"
+    if dpo_gpus() == 1:
+        return command
+    launch = ("accelerate launch --config_file {ACCELERATE_CONFIG} --num_processes {resources.gpu} "
+              "--main_process_port $((29500 + ${{SLURM_JOB_ID:-0}} % 20000)) -m halludpo.train")
+    threads = "OMP_NUM_THREADS=$(( ({threads} + {resources.gpu} - 1) / {resources.gpu} )) "  # per process
+    assert command.count("python -m halludpo.train") == 1
+    return threads + command.removeprefix("OMP_NUM_THREADS={threads} ").replace("python -m halludpo.train", launch)
+
+
 rule dpo:
     """LoRA preference optimisation of model_k on round k's pairs (transformers.Trainer + halludpo.losses)."""
     input:
@@ -47,7 +78,7 @@ rule dpo:
     benchmark:
         EXP / "benchmarks" / "dpo_r{k}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} " + stage("train", "dpo", round="{wildcards.k}", step="dpo") + " > {log} 2>&1"
+        dpo_command()
 
 
 rule merge:
