@@ -17,6 +17,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from accelerate import PartialState
 import torch
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -145,8 +146,9 @@ class PreferenceTrainer(Trainer):
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        with torch.no_grad(), model.disable_adapter():  # the reference is model_k itself: no second copy
-            logps, _ = forward_logps(model, batch)
+        unwrapped = self.accelerator.unwrap_model(model)  # DDP / DeepSpeed wrap the PeftModel on several GPUs
+        with torch.no_grad(), unwrapped.disable_adapter():  # the reference is model_k itself: no second copy
+            logps, _ = forward_logps(unwrapped, batch)
         return logps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -295,9 +297,13 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
     )
     result = trainer.train()
     warn_early_saturation(trainer.accuracy_history)
-    model.save_pretrained(out_dir / "adapter")
+    if trainer.is_deepspeed_enabled:
+        trainer.save_model(str(out_dir / "adapter"))  # gathers ZeRO-3 shards; the main process writes
+    elif trainer.is_world_process_zero():
+        model.save_pretrained(out_dir / "adapter")
     history = [h for h in trainer.state.log_history if "loss" in h]
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     return {"pairs": len(dataset), "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "train_seconds": result.metrics["train_runtime"],
             "trainable_tensors": len(trainable), "reference": train["reference"], "history": history}
@@ -339,8 +345,9 @@ def run(cfg: DictConfig) -> None:
         model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
         out_dir = paths.train_dir(cfg, k)
         stats = train_preference(model, processor, rows, out_dir, train, model_path, str(source))
-        write_jsonl(out_dir / "train_log.jsonl", stats.pop("history"))
-        write_json(out_dir / "train_stats.json", stats)
+        if PartialState().is_main_process:  # `accelerate launch` on several GPUs: one writer
+            write_jsonl(out_dir / "train_log.jsonl", stats.pop("history"))
+            write_json(out_dir / "train_stats.json", stats)
     elif cfg.step == "merge":
         merge_adapter(model_path, paths.train_dir(cfg, k) / "adapter", cfg.model.family, paths.model_dir(cfg, k + 1))
     else:
