@@ -146,7 +146,7 @@ EXPECTED_JOBS = {  # rounds R: generate = (R+1) eval + R gen; evaluate = R+1; pe
     "symmpo_llava15_7b": {"download": 8, "prepare": 1, "generate": 5, "inject": 2, "contrast_embeddings": 2,
                           "contrast": 2, "reference_logps": 2, "dpo": 2, "merge": 2, "evaluate": 3, "summarize": 1,
                           "all": 1},
-    "sentinel_llava15_7b": {"download": 8, "prepare": 1, "generate": 2, "train_verifiers": 1, "sentinel": 1,
+    "sentinel_llava15_7b": {"download": 8, "prepare": 1, "generate": 2, "sentinel": 1,  # detectors: no training
                             "reference_logps": 1, "dpo": 1, "merge": 1, "evaluate": 2, "summarize": 1, "all": 1},
 }
 

@@ -63,10 +63,28 @@ def test_verifier_stage_trains_both_kinds_and_writes_the_marker(tiny_world, sent
     assert (a.kind, b.kind) == ("cnn", "features") and a.image_size == 32
 
 
-def test_detector_verifiers_are_refused_clearly(tmp_path):
-    cfg = compose([f"paths.results={tmp_path}", "experiment=toy_sentinel", "verifier=detector"])
-    with pytest.raises(ValueError, match="not implemented yet"):
-        pairs.verifier_decide_fn(cfg, cfg.method.instances)
+def test_detector_verifiers_build_the_detectors_decide_fn_from_config(tiny_world, tmp_path):
+    """verifier=detector: both detectors load from verifier.models (tiny random models saved to tmp) with the
+    configured thresholds; threshold 0 -> every object present for A, above 1 -> none for B."""
+    from tests.test_detectors import save_tiny_grounding_dino, save_tiny_owlv2
+
+    gd, owl = save_tiny_grounding_dino(tmp_path / "gd"), save_tiny_owlv2(tmp_path / "owl")
+    cfg = compose([f"paths.results={tmp_path}", "experiment=toy_sentinel", "verifier=detector",
+                   f"verifier.models.grounding_dino={gd}", f"verifier.models.owlv2={owl}",
+                   "verifier.thresholds=[0.0,1.01]", "verifier.text_thresholds=[0.0,null]", "verifier.batch_size=2"])
+    decide = pairs.verifier_decide_fn(cfg, cfg.method.instances)
+    images = sorted((tiny_world / "unlabeled" / "images").iterdir())[:3]
+    assert len(images) == 3
+    batch = [({"image_path": str(image)}, ["bus", "cat", "traffic light"][: i + 1]) for i, image in enumerate(images)]
+    assert decide(batch) == [{o: (True, False) for o in objects} for _, objects in batch]
+    with pytest.raises(OSError, match="verifier owlv2: cannot load the zero-shot detector"):
+        pairs.verifier_decide_fn(compose([f"paths.results={tmp_path}", "experiment=toy_sentinel", "verifier=detector",
+                                          f"verifier.models.grounding_dino={gd}",
+                                          "verifier.models.owlv2=no-such/detector"]), cfg.method.instances)
+    oracle = compose([f"paths.results={tmp_path}", f"paths.data_dir={tiny_world}", "experiment=toy_sentinel",
+                      "verifier=detector", "verifier.oracle=true"])  # the ablation still wins over the detectors
+    with pytest.raises(InputError, match="no annotations"):
+        pairs.verifier_decide_fn(oracle, oracle.method.instances)
 
 
 def test_oracle_ablation_needs_an_annotated_split(tiny_world, sentence_model, tmp_path):

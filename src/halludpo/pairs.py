@@ -112,14 +112,15 @@ def verify_images(decide, generations: list[dict], categories: list[str], batch_
 
 
 def verifier_decide_fn(cfg: DictConfig, instances: str):
-    """The two verifiers' decide_fn: the trained verifiers of rule train_verifiers, or with verifier.oracle the
-    annotation oracle of `instances` twice (ablation)."""
+    """The two verifiers' decide_fn: the trained verifiers of rule train_verifiers (kind toy), the two zero-shot
+    detectors of configs/verifier/detector.yaml (kind detector), or with verifier.oracle the annotation oracle of
+    `instances` twice (ablation)."""
     from halludpo import verifiers
 
     v = cfg.verifier
-    if v.kind != "toy":
-        raise ValueError(f"verifier.kind={v.kind!r}: open-vocabulary detectors (configs/verifier/detector.yaml) are "
-                         "not implemented yet; use verifier=toy")
+    if v.kind not in ("toy", "detector"):
+        raise ValueError(f"verifier.kind={v.kind!r}: valid kinds are toy (configs/verifier/toy.yaml) and detector "
+                         "(configs/verifier/detector.yaml)")
     thresholds = list(v.thresholds)
     if v.oracle:
         if not read_json(instances).get("annotations"):
@@ -128,6 +129,10 @@ def verifier_decide_fn(cfg: DictConfig, instances: str):
         oracle = verifiers.AnnotationOracleVerifier(instances)
         log.warning("ABLATION verifier.oracle=true: both verifiers are the annotations of %s", instances)
         return verifiers.make_decide_fn(oracle, oracle)
+    if v.kind == "detector":
+        from halludpo.detectors import decide_fn_from_config
+
+        return decide_fn_from_config(to_plain(v))
     a, b = verifiers.load_trained(paths.verifiers_dir(cfg), list(v.kinds))
     return verifiers.make_decide_fn(a, b, *thresholds)
 

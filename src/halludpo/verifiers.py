@@ -381,7 +381,7 @@ def train_and_save(verifier_cfg: dict, out_dir: str | os.PathLike) -> dict:
     v, train = verifier_cfg, verifier_cfg["train"]
     if v.get("kind", "toy") != "toy":
         raise ValueError(f"verifier.kind={v.get('kind')!r}: this stage trains the learned toy verifiers only "
-                         "(open-vocabulary detectors for real images are not implemented yet)")
+                         "(verifier=detector: the zero-shot detectors are pretrained and need no training)")
     kinds = list(v["kinds"])
     if len(kinds) != 2:
         raise ValueError(f"verifier.kinds={kinds}: SENTINEL cross-checks exactly two verifiers")

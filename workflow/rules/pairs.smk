@@ -8,7 +8,9 @@
 from halludpo.mixing import apasi_verifies
 
 MIXED = len(PAIR_METHODS) > 1
-VERIFIER_KEYS = ("verifier.kind", "verifier.kinds", "verifier.thresholds", "verifier.oracle")
+# the verifier settings a pairs rule's output depends on (device, dtype, batch_size change speed only)
+VERIFIER_KEYS = ("verifier.kind", "verifier.kinds", "verifier.thresholds", "verifier.oracle", "verifier.models",
+                 "verifier.text_thresholds", "verifier.max_queries")
 
 
 def method_pairs(method):
@@ -29,7 +31,7 @@ if "apasi" in PAIR_METHODS:
     rule inject:
         """APASI: hallucinations injected into model_k's own descriptions, completed by model_k without the image."""
         input:
-            code=[SRC / "pairs.py", SRC / "injection.py"],
+            code=[SRC / "pairs.py", SRC / "injection.py", SRC / "detectors.py"],
             generations=str(EXP / "round_{k}" / "generate" / "gen.jsonl"),
             model=model_marker,
             vocabulary=CFG.data.vocabulary,
@@ -58,7 +60,7 @@ if USES_SENTINEL:
         """SENTINEL: model_k samples sentence by sentence; two verifiers label each sentence's objects; pairs at the
         first hallucinated sentence, with the faithful context before it."""
         input:
-            code=[SRC / "pairs.py", SRC / "sentinel.py", SRC / "inference.py", SRC / "verifiers.py"],
+            code=[SRC / "pairs.py", SRC / "sentinel.py", SRC / "inference.py", SRC / "verifiers.py", SRC / "detectors.py"],
             model=model_marker,
             instances=SENTINEL_CFG.instances,
             vocabulary=CFG.data.vocabulary,

@@ -1,6 +1,7 @@
-# Object verifiers: two small learned classifiers, trained once per data set on its training split and shared by
-# experiments (like the base model). Defined only when the configured method uses them (SENTINEL; APASI with
-# method.verify, the verified-APASI extension) and they are learned (not the verifier.oracle ablation).
+# Object verifiers: two small learned classifiers (verifier=toy), trained once per data set on its training split and
+# shared by experiments (like the base model). Defined only when the configured method uses them (SENTINEL; APASI
+# with method.verify, the verified-APASI extension) and they are learned: not the verifier.oracle ablation, and not
+# the zero-shot detectors of verifier=detector (pretrained; the pairs rules load them directly).
 from halludpo.mixing import method_config_keys, pair_methods, uses_verifiers
 
 try:
@@ -8,7 +9,7 @@ try:
 except ValueError as err:
     raise WorkflowError(str(err)) from None
 USES_SENTINEL = "sentinel" in PAIR_METHODS
-NEEDS_VERIFIERS = uses_verifiers(CFG.method) and not CFG.verifier.oracle
+NEEDS_VERIFIERS = uses_verifiers(CFG.method) and CFG.verifier.kind == "toy" and not CFG.verifier.oracle
 
 if NEEDS_VERIFIERS:
 
