@@ -44,8 +44,9 @@ class RangeHandler(BaseHTTPRequestHandler):
         server.requests.append((name, self.headers.get("Range")))
         body = server.files.get(name)
         if server.fail_once:
-            self.send_error(server.fail_once)
-            server.fail_once = None
+            # cleared before answering: the client's retry may arrive before this thread runs another line
+            status, server.fail_once = server.fail_once, None
+            self.send_error(status)
             return
         if body is None:
             self.send_error(404)
@@ -298,7 +299,7 @@ def test_shipped_config_entries():
             check_entry(e)
             verified.append(e["name"])
     assert verified == ["coco2014_val_images", "coco2014_annotations", "coco2017_train_images",
-                        "vg_images_part1", "vg_images_part2"]
+                        "vg_images_part1", "vg_images_part2", "llava_detail_23k"]
 
 
 def test_marker_paths_and_requested_names():
