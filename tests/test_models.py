@@ -109,3 +109,24 @@ def test_pretraining_is_deterministic(examples, tiny_world, tmp_path):
         pretrain_toy(examples, tiny_world / "train" / "images", tmp_path / run, TINY_ARCH, pretrain, progress=False)
         digests.append(hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_yes_no_probe_is_logged_per_epoch_and_leaves_training_alone(examples, tiny_world, tmp_path):
+    """pretrain.qa_probe: one accuracy per epoch, in [0, 1], over 2 questions per probed image; the weights are
+    the same bytes as without the probe (it has its own RNG and does not train)."""
+    import hashlib
+
+    from halludpo.pretrain import pretrain_toy
+
+    pretrain = dict(seed=3, epochs=2, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_frac=0.1, qa_per_image=2,
+                    max_length=120)
+    digests, stats = [], {}
+    for run, probe in (("off", 0), ("on", 8)):
+        stats[run] = pretrain_toy(examples, tiny_world / "train" / "images", tmp_path / run, TINY_ARCH,
+                                  pretrain | {"qa_probe": probe}, progress=False)
+        digests.append(hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    assert stats["off"]["qa_probe_accuracy"] == []
+    accuracy = stats["on"]["qa_probe_accuracy"]
+    assert len(accuracy) == 2 and all(0.0 <= a <= 1.0 for a in accuracy)
+    assert all(round(a * 16) == a * 16 for a in accuracy)  # 8 images x (present, absent) = 16 questions

@@ -138,6 +138,45 @@ def collate(batch: list[tuple[torch.Tensor, list[int], list[int]]], pad_id: int)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Yes/no probe: is the question-answering skill there yet? (logged per epoch; POPE depends on it)
+
+
+def qa_probe_items(examples: list[dict], pixel_values: torch.Tensor, processor, n_image_tokens: int,
+                   max_length: int, n_images: int, seed: int) -> list[tuple[torch.Tensor, list[int], list[int]]]:
+    """A fixed probe: for each of the first n_images examples one present and one absent object, asked as in
+    pretraining, with the answer as labels. Its own RNG, so probing never changes the training stream."""
+    rng = random.Random(f"qa-probe-{seed}")
+    items = []
+    for i, example in enumerate(examples[:n_images]):
+        present = sorted(set(example["objects"]))
+        absent = [c for c in toyworld.categories() if c not in present]
+        for pool, answer in ((present, "yes ."), (absent, "no .")):
+            if pool:
+                messages = as_messages([(question(rng.choice(pool)), answer)])
+                items.append((pixel_values[i], *encode(processor, messages, n_image_tokens, max_length)))
+    return items
+
+
+@torch.no_grad()
+def qa_probe_accuracy(model, items: list, processor, batch_size: int = 64) -> float:
+    """Fraction of probe questions whose next-token logit ranks the right answer word ("yes" / "no") above the
+    other, at the answer's first position."""
+    yes_id, no_id = processor.tokenizer.convert_tokens_to_ids(["yes", "no"])
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for b in range(0, len(items), batch_size):
+        batch = collate(items[b: b + batch_size], processor.tokenizer.pad_token_id)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for row, labels in enumerate(batch["labels"]):
+            answer_at = int((labels != -100).nonzero()[0])
+            says_yes = logits[row, answer_at - 1, yes_id] > logits[row, answer_at - 1, no_id]
+            correct += int(bool(says_yes) == (int(labels[answer_at]) == yes_id))
+    model.train(was_training)
+    return correct / max(1, len(items))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -163,6 +202,9 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=pretrain["lr"], total_steps=total_steps,
         pct_start=max(pretrain["warmup_frac"], 2 / total_steps))
+    probe = qa_probe_items(examples, pixel_values, processor, n_image_tokens, pretrain["max_length"],
+                           pretrain.get("qa_probe", 0), seed)
+    probe_accuracy = []
     model.train()
     losses, start = [], time.time()
     bar = tqdm(total=total_steps, desc="pretrain", disable=not progress)
@@ -183,6 +225,10 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        if probe:
+            probe_accuracy.append(qa_probe_accuracy(model, probe, processor))
+            log.info("epoch %d: yes/no probe accuracy %.3f (%d questions on training images)", epoch,
+                     probe_accuracy[-1], len(probe))
     bar.close()
     model.eval()
     out_dir = Path(out_dir)
@@ -191,7 +237,7 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     save_model(model, processor, tmp)
     stats = {"parameters": n_params, "examples": len(examples), "steps": total_steps,
              "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - start, 1),
-             "loss_curve": losses[:: max(1, len(losses) // 100)]}
+             "loss_curve": losses[:: max(1, len(losses) // 100)], "qa_probe_accuracy": probe_accuracy}
     write_json(tmp / "pretrain_stats.json", stats)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
