@@ -22,6 +22,7 @@ from halludpo.detectors import (
     query_tasks,
     verdict,
 )
+from halludpo.inference import as_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -176,7 +177,7 @@ def test_verdicts_are_monotone_in_the_threshold(model_dirs, image_paths, kind):
 def reference_present(det, image, name) -> bool:
     """transformers' own post-processing on a prompt of ONE name (no label ambiguity): GroundingDINO -> a kept box
     whose phrase has a token of the name (not '.', [SEP]); OWL -> any kept box (its only query)."""
-    img = detectors.open_rgb(image)
+    img = as_image(image)
     if det.model_type == "owlv2":
         inputs = det.processor(text=[[name]], images=[img], return_tensors="pt")
         outputs = det.model(**inputs)

@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 
 from halludpo import paths
 from halludpo.config import stage_main, to_plain
-from halludpo.inference import load_image
+from halludpo.inference import as_image, load_image
 from halludpo.io import InputError, atomic_path, read_jsonl, write_jsonl
 from halludpo.scoring import PAIR_FIELDS
 
@@ -143,10 +143,6 @@ def pooled_features(model, processor, images: list[Image.Image]) -> torch.Tensor
     if isinstance(features, torch.Tensor):  # (N, tokens, D)
         return features.mean(dim=1)
     return torch.stack([f.mean(dim=0) for f in features])  # one (tokens_i, D) per image
-
-
-def as_image(image: Image.Image | str | Path) -> Image.Image:
-    return image if isinstance(image, Image.Image) else load_image(image)
 
 
 def unique_images(rows: list[dict]) -> list[tuple[int | str, str]]:

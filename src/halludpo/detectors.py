@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from halludpo.inference import as_image
+
 log = logging.getLogger(__name__)
 
 GROUNDING_TYPES = ("grounding-dino", "mm-grounding-dino")
@@ -174,13 +176,6 @@ def query_tasks(objects_per_image: Sequence[Sequence[str]], max_queries: int) ->
 # Detection
 
 
-def open_rgb(image: str | os.PathLike | Image.Image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as img:
-        return img.convert("RGB")
-
-
 def _pixel_inputs(detector: Detector, images: list[Image.Image]) -> dict:
     pixels = detector.processor.image_processor(images=images, return_tensors="pt")
     return {k: v.to(detector.device, detector.dtype if v.is_floating_point() else v.dtype)
@@ -250,7 +245,7 @@ def detect_present(detector: Detector, images: Sequence[str | os.PathLike | Imag
         chunk = tasks[start: start + detector.batch_size]
         for i, _ in chunk:
             if i not in opened:
-                opened[i] = open_rgb(images[i])
+                opened[i] = as_image(images[i])
         rows = present_fn(detector, [opened[i] for i, _ in chunk], [names for _, names in chunk])
         for (i, names), row in zip(chunk, rows):
             answers[i].update(zip(names, row))

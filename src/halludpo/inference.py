@@ -25,6 +25,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise InputError(f"{path}: corrupt or unreadable image ({err})") from None
 
 
+def as_image(image: Image.Image | str | Path) -> Image.Image:
+    """An image given as a PIL image (returned as is) or a path (opened with load_image)."""
+    return image if isinstance(image, Image.Image) else load_image(image)
+
+
 def decoding_kwargs(generation: dict, max_new_tokens: int) -> dict:
     """generate() keyword arguments from a config block; sampling knobs only when sampling."""
     kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(generation.get("do_sample", False)),

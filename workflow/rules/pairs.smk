@@ -60,7 +60,8 @@ if USES_SENTINEL:
         """SENTINEL: model_k samples sentence by sentence; two verifiers label each sentence's objects; pairs at the
         first hallucinated sentence, with the faithful context before it."""
         input:
-            code=[SRC / "pairs.py", SRC / "sentinel.py", SRC / "inference.py", SRC / "verifiers.py", SRC / "detectors.py"],
+            code=[SRC / "pairs.py", SRC / "sentinel.py", SRC / "inference.py", SRC / "verifiers.py",
+                  SRC / "detectors.py"],
             model=model_marker,
             instances=SENTINEL_CFG.instances,
             vocabulary=CFG.data.vocabulary,
