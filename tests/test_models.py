@@ -130,3 +130,21 @@ def test_yes_no_probe_is_logged_per_epoch_and_leaves_training_alone(examples, ti
     accuracy = stats["on"]["qa_probe_accuracy"]
     assert len(accuracy) == 2 and all(0.0 <= a <= 1.0 for a in accuracy)
     assert all(round(a * 16) == a * 16 for a in accuracy)  # 8 images x (present, absent) = 16 questions
+
+
+def test_weighted_lm_loss_is_the_model_loss_at_unit_weights_and_weights_rows():
+    """All weights 1 -> the model's own mean token cross-entropy; weight w on a row counts its tokens w times."""
+    from halludpo.pretrain import weighted_lm_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, 4, 5, 6]])
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
+                                           reduction="none").view(2, 4)
+    mask = (labels[:, 1:] != -100).float()
+    unit = weighted_lm_loss(logits, labels, torch.ones(2))
+    assert torch.allclose(unit, (ce * mask).sum() / mask.sum())
+    row_sums, row_counts = (ce * mask).sum(1), mask.sum(1)  # row 0: 2 tokens, row 1: 3 tokens
+    weighted = weighted_lm_loss(logits, labels, torch.tensor([1.0, 4.0]))
+    expected = (row_sums[0] + 4 * row_sums[1]) / (row_counts[0] + 4 * row_counts[1])
+    assert torch.allclose(weighted, expected)

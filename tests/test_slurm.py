@@ -133,7 +133,8 @@ def test_make_slurm_profile_installs_the_user_profile(tmp_path):
 def test_dpo_on_one_gpu_or_cpu_keeps_its_command(tmp_path):
     """The command text of rule dpo is what Snakemake compares to decide reruns: unchanged unless dpo has > 1 GPU."""
     local = planned_jobs(snakemake(tmp_path, "-n", "-p", "--cores", "2").stdout)["dpo"][0]["shell"]
-    assert re.fullmatch(r"OMP_NUM_THREADS=2 MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE PYTHONPATH=\S+ python -m "
+    assert re.fullmatch(r"OMP_NUM_THREADS=2 MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
+                        r"PYTHONPATH=\S+ python -m "
                         r"halludpo\.train round=0 step=dpo \S.* hydra\.run\.dir=\S+/dpo_round0_stepdpo "
                         r"hydra\.job\.chdir=false > \S+/dpo_r0\.log 2>&1", local), local
     one = planned_jobs(snakemake(tmp_path, "-n", "-p", "--cores", "2", "--set-resources", "dpo:gpu=1").stdout)

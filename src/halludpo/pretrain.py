@@ -124,17 +124,36 @@ def encode(processor, messages: list[dict], n_image_tokens: int, max_length: int
     return input_ids, labels
 
 
-def collate(batch: list[tuple[torch.Tensor, list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for _, ids, _ in batch)
+def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """(pixel_values, input_ids, labels[, loss_weight]) items -> a right-padded batch (training needs no generation
+    alignment); `loss_weights` (one per row, default 1) only when the items carry them."""
+    width = max(len(item[1]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_id)
     labels = torch.full((len(batch), width), -100)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (_, ids, lab) in enumerate(batch):  # right padding: training needs no generation alignment
+    for row, (_, ids, lab, *_) in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(ids)] = 1
-    pixel_values = torch.stack([pv for pv, _, _ in batch])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+           "pixel_values": torch.stack([item[0] for item in batch])}
+    if any(len(item) > 3 for item in batch):
+        out["loss_weights"] = torch.tensor([float(item[3]) if len(item) > 3 else 1.0 for item in batch])
+    return out
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy where every labelled token of row i counts w_i times:
+
+        loss = sum_i w_i sum_t CE(i, t) / sum_i w_i n_i      (n_i = labelled tokens of row i)
+
+    With all w_i = 1 it is the usual mean over labelled tokens (the model's own loss).
+    """
+    targets = labels[:, 1:]
+    token_ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets,
+                                                 ignore_index=-100, reduction="none")
+    token_weights = (targets != -100).float() * row_weights.view(-1, 1)
+    return (token_ce * token_weights).sum() / token_weights.sum().clamp(min=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,18 +224,22 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     probe = qa_probe_items(examples, pixel_values, processor, n_image_tokens, pretrain["max_length"],
                            pretrain.get("qa_probe", 0), seed)
     probe_accuracy = []
+    # the yes/no answers are a few tokens beside a whole description: weighting them makes the skill appear sooner
+    qa_weight = float(pretrain.get("qa_weight", 1.0))
     model.train()
     losses, start = [], time.time()
     bar = tqdm(total=total_steps, desc="pretrain", disable=not progress)
     for epoch in range(pretrain["epochs"]):
         # fresh conversations every epoch: new question objects and turn orders (seeded)
-        data = [(pixel_values[i], *encode(processor, messages, n_image_tokens, pretrain["max_length"]))
-                for i, e in enumerate(examples) for messages in conversations(e, rng, pretrain["qa_per_image"])]
+        data = [(pixel_values[i], *encode(processor, messages, n_image_tokens, pretrain["max_length"]), weight)
+                for i, e in enumerate(examples)
+                for messages, weight in zip(conversations(e, rng, pretrain["qa_per_image"]), (1.0, qa_weight))]
         order = list(range(len(data)))
         rng.shuffle(order)
         for b in range(0, len(order), pretrain["batch_size"]):
             batch = collate([data[i] for i in order[b: b + pretrain["batch_size"]]], processor.tokenizer.pad_token_id)
-            loss = model(**batch).loss
+            weights, labels = batch.pop("loss_weights"), batch.pop("labels")
+            loss = weighted_lm_loss(model(**batch).logits, labels, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

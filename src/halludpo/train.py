@@ -172,8 +172,10 @@ class PreferenceTrainer(Trainer):
         self._record("logps/chosen", policy[0].mean().item())
         self._record("logps/rejected", policy[1].mean().item())
         self._record("preference_loss", losses.mean().item())
-        for name, values in loss_terms(self.loss_name, policy, reference, **self.loss_params).items():
-            self._record(name, values.mean().item())  # loss/<term>, accuracy/<term> (halludpo.losses)
+        with torch.no_grad():  # metrics only: loss/<term>, accuracy/<term> (halludpo.losses)
+            terms = loss_terms(self.loss_name, policy.detach(), reference, **self.loss_params)
+        for name, values in terms.items():
+            self._record(name, values.mean().item())
         self.accuracy_history.append(accuracy)
         return (loss, {"policy_logps": policy}) if return_outputs else loss
 

@@ -37,20 +37,22 @@ ROUNDS = list(range(CFG.rounds + 1))
 OVERRIDE_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES)
 HYDRA_DIR = shlex.quote(f"{RESULTS}/hydra/{CFG.experiment_name}")
 SRC_PATH = shlex.quote(str(SRC.parent))
+# Every stage command's environment (a shell template: Snakemake fills in SRC_PATH). src/ goes on the path: the rules
+# run the checkout's code, also inside a conda env without the package. Fixed thread counts: MKL/OpenMP may
+# otherwise use fewer threads on a busy node, which changes float reduction order and so the trained weights.
+# Progress bars refresh at most every 30 s: rule logs are files, where each refresh would be another line.
+STAGE_ENV = ("MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
+             "PYTHONPATH={SRC_PATH}${{PYTHONPATH:+:$PYTHONPATH}}")
 
 
 def stage(module, rule_name, **settings):
     """Shell command template that runs a stage as a Hydra app with the user's overrides and this rule's settings.
 
     Setting values may be wildcards ("{wildcards.k}"); the overrides come from OVERRIDE_ARGS at run time.
-    src/ goes on the path: the rules run the checkout's code, also inside a conda env without the package.
     """
     args = " ".join(f"{k}={v}" for k, v in settings.items())
     run_dir = "{HYDRA_DIR}/" + rule_name + "".join(f"_{k}{v}" for k, v in settings.items())
-    # fixed thread counts: MKL/OpenMP may otherwise use fewer threads on a busy node, which changes float
-    # reduction order and so the trained weights
-    return ("MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE "
-            f"PYTHONPATH={{SRC_PATH}}${{{{PYTHONPATH:+:$PYTHONPATH}}}} python -m halludpo.{module} {args} "
+    return (STAGE_ENV + f" python -m halludpo.{module} {args} "
             f"{{OVERRIDE_ARGS}} hydra.run.dir={run_dir} hydra.job.chdir=false")
 
 

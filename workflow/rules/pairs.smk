@@ -31,7 +31,8 @@ if "apasi" in PAIR_METHODS:
     rule inject:
         """APASI: hallucinations injected into model_k's own descriptions, completed by model_k without the image."""
         input:
-            code=[SRC / "pairs.py", SRC / "injection.py", SRC / "detectors.py"],
+            code=[SRC / "pairs.py", SRC / "injection.py", SRC / "mixing.py", SRC / "detectors.py",
+                  SRC / "inference.py"],
             generations=str(EXP / "round_{k}" / "generate" / "gen.jsonl"),
             model=model_marker,
             vocabulary=CFG.data.vocabulary,

@@ -37,5 +37,5 @@ rule compare:
     log:
         RESULTS / "logs" / "compare.log",
     shell:
-        "PYTHONPATH={SRC_PATH}${{PYTHONPATH:+:$PYTHONPATH}} python -m halludpo.compare {input.summaries:q} "
+        STAGE_ENV + " python -m halludpo.compare {input.summaries:q} "
         "--md {output.md:q} --csv {output.csv:q} > {log} 2>&1"
