@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -146,5 +147,23 @@ def test_weighted_lm_loss_is_the_model_loss_at_unit_weights_and_weights_rows():
     assert torch.allclose(unit, (ce * mask).sum() / mask.sum())
     row_sums, row_counts = (ce * mask).sum(1), mask.sum(1)  # row 0: 2 tokens, row 1: 3 tokens
     weighted = weighted_lm_loss(logits, labels, torch.tensor([1.0, 4.0]))
-    expected = (row_sums[0] + 4 * row_sums[1]) / (row_counts[0] + 4 * row_counts[1])
+    expected = (row_sums[0] + 4 * row_sums[1]) / (row_counts[0] + row_counts[1])  # row 0's share is unchanged
     assert torch.allclose(weighted, expected)
+
+
+def test_qa_weight_changes_training_only_when_set(examples, tiny_world, tmp_path):
+    """pretrain.qa_weight: 1 (default) trains with the model's own loss, bit-identical to leaving the key out; any
+    other weight goes through weighted_lm_loss and gives other weights."""
+    import hashlib
+
+    from halludpo.pretrain import pretrain_toy
+
+    pretrain = dict(seed=3, epochs=1, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_frac=0.1, qa_per_image=2,
+                    max_length=120)
+    digests = {}
+    for run, extra in (("absent", {}), ("one", {"qa_weight": 1.0}), ("four", {"qa_weight": 4.0})):
+        stats = pretrain_toy(examples, tiny_world / "train" / "images", tmp_path / run, TINY_ARCH, pretrain | extra,
+                             progress=False)
+        assert math.isfinite(stats["final_loss"])
+        digests[run] = hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest()
+    assert digests["absent"] == digests["one"] != digests["four"]
