@@ -26,8 +26,10 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def as_image(image: Image.Image | str | Path) -> Image.Image:
-    """An image given as a PIL image (returned as is) or a path (opened with load_image)."""
-    return image if isinstance(image, Image.Image) else load_image(image)
+    """An RGB image from a PIL image (converted if it is not RGB) or a path (opened with load_image)."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    return load_image(image)
 
 
 def decoding_kwargs(generation: dict, max_new_tokens: int) -> dict:

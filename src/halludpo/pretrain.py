@@ -126,7 +126,7 @@ def encode(processor, messages: list[dict], n_image_tokens: int, max_length: int
 
 def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
     """(pixel_values, input_ids, labels[, loss_weight]) items -> a right-padded batch (training needs no generation
-    alignment); `loss_weights` (one per row, default 1) only when the items carry them."""
+    alignment); `loss_weights` (one per row) when the items carry them."""
     width = max(len(item[1]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_id)
     labels = torch.full((len(batch), width), -100)
@@ -137,8 +137,8 @@ def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
         mask[row, : len(ids)] = 1
     out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
            "pixel_values": torch.stack([item[0] for item in batch])}
-    if any(len(item) > 3 for item in batch):
-        out["loss_weights"] = torch.tensor([float(item[3]) if len(item) > 3 else 1.0 for item in batch])
+    if len(batch[0]) > 3:
+        out["loss_weights"] = torch.tensor([float(item[3]) for item in batch])
     return out
 
 
