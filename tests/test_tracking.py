@@ -134,6 +134,22 @@ def test_round_metrics_names():
     assert metrics["chair_i"] == pytest.approx(0.141)
     assert metrics["pope_adversarial_f1"] == pytest.approx(0.808)
     assert len(metrics) == 4 + 3 * 5
+    by_sentence = [{"sentence": 0, "responses": 2, "mentions": 4, "hallucinated": 1, "chair_i": 0.25}]
+    assert round_metrics(ROWS[0] | {"chair_by_sentence": by_sentence})["chair_i_sentence_1"] == 0.25
+
+
+def test_by_sentence_table_pads_rounds_with_fewer_sentences():
+    from halludpo.report import by_sentence_table
+
+    def row(k, counts):
+        return {"round": k, "chair_by_sentence": [
+            {"sentence": i, "responses": 9, "mentions": m, "hallucinated": h, "chair_i": h / m}
+            for i, (h, m) in enumerate(counts)]}
+    table = by_sentence_table({"rounds": [row(0, [(1, 10), (3, 6)]), row(1, [(1, 10)])]}).splitlines()
+    assert table[0] == "| round | sentence 1 | sentence 2 |"
+    assert table[2] == "| 0 | 0.100 (1/10) | 0.500 (3/6) |"
+    assert table[3] == "| 1 | 0.100 (1/10) |  |"
+    assert by_sentence_table({"rounds": [{"round": 0}]}) == ""
 
 
 @pytest.mark.server

@@ -60,8 +60,10 @@ def evaluate_chair(generations_path: str | Path, instances_path: str | Path, cap
     if not rows:
         raise InputError(f"{generations_path}: no generations")
     gt = ground_truth_from_coco(instances_path, captions_path, scorer)
-    result = scorer.score([{"image_id": r["image_id"], "response": r["response"]} for r in rows], gt)
+    records = [{"image_id": r["image_id"], "response": r["response"]} for r in rows]
+    result = scorer.score(records, gt)
     items = result.pop("items")
+    result["by_sentence"] = scorer.by_sentence(records, gt)
     image_ids = [r["image_id"] for r in rows]
     truncated = sum(not r["response"].rstrip().endswith((".", "!", "?")) for r in rows)
     protocol = {

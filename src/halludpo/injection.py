@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from halludpo.metrics.text import split_sentences
 from halludpo.models import chat_prompt
 
 MODES = ("replace", "insert", "both", "append")
@@ -60,26 +61,11 @@ PAPER_TEMPLATES: list[str] = [
 # The toy world's caption style (its tokenizer is word-level and lower case).
 TOY_TEMPLATES: list[str] = ["there is a {}", "i can see a {}", "there is also a {}", "a {} is"]
 
-# A '.' that has no digit on either side ends a sentence; the whitespace after it belongs to that sentence.
-_SENTENCE_END = re.compile(r"(?<!\d)\.(?!\d)\s*")
 _ARTICLE_BEFORE_SLOT = re.compile(r"\b([Aa]) \{\}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Which sentences
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split after every '.' that has no digit on either side ("3.5" stays whole; note "in 2020. Then" does not
-    split either, the '.' being next to a digit). Each piece keeps its '.' and the whitespace after it, so
-    ``"".join(pieces) == text``; text after the last '.' is a final piece; no empty piece is returned."""
-    pieces, start = [], 0
-    for match in _SENTENCE_END.finditer(text):
-        pieces.append(text[start:match.end()])
-        start = match.end()
-    if start < len(text):
-        pieces.append(text[start:])
-    return pieces
 
 
 def n_to_replace(n_sentences: int, rate: float) -> int | None:

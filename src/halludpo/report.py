@@ -31,6 +31,7 @@ def summary_row(k: int, model: str, chair_path: str | Path, pope_path: str | Pat
         "model": model,
         "chair": {key: chair["metrics"][key] for key in CHAIR_KEYS},
         "pope": {split: {key: m[key] for key in POPE_KEYS} for split, m in pope["metrics"].items()},
+        "chair_by_sentence": chair["metrics"].get("by_sentence", []),
         "text_pipeline": chair["protocol"]["text_pipeline"],
         "n_images": {"chair": chair["protocol"]["n_images"], "pope": len(pope["protocol"]["image_ids"])},
     }
@@ -86,6 +87,21 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_sentence_table(summary: dict) -> str:
+    """CHAIR_i per sentence position and round, as 'CHAIR_i (hallucinated/mentions)' cells: shows whether a round
+    removed hallucinations where they start or only cut the descriptions' tails."""
+    rounds = [r for r in summary["rounds"] if r.get("chair_by_sentence")]
+    if not rounds:
+        return ""
+    positions = max(len(r["chair_by_sentence"]) for r in rounds)
+    head = ["round"] + [f"sentence {i + 1}" for i in range(positions)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rounds:
+        cells = [f"{s['chair_i']:.3f} ({s['hallucinated']}/{s['mentions']})" for s in r["chair_by_sentence"]]
+        lines.append("| " + " | ".join([str(r["round"])] + cells + [""] * (positions - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def track(cfg: DictConfig, summary: dict, curves: dict[int, list[dict]] | None = None) -> dict | None:
     """Log to MLflow; on failure say so and return None (summary.json stays the truth)."""
     if not cfg.tracking.enabled:
@@ -113,7 +129,9 @@ def run(cfg: DictConfig) -> None:
     summary = build_summary(cfg.experiment_name, rows)
     out = paths.summary_json(cfg)
     write_json(out, summary)
-    write_text(out.parent / "summary.md", markdown_table(summary))
+    by_sentence = by_sentence_table(summary)
+    write_text(out.parent / "summary.md", markdown_table(summary)
+               + (f"\nCHAIR_i by sentence position (hallucinated / mentions):\n\n{by_sentence}" if by_sentence else ""))
     plot_rounds(summary, paths.rounds_plot(cfg))
     ids = track(cfg, summary, curves)
     if ids:

@@ -36,8 +36,11 @@ def get_experiment_id(client, name: str, artifact_location: str | None) -> str:
 
 
 def round_metrics(row: dict) -> dict[str, float]:
-    """summary.json row -> MLflow metric names (chair_s, chair_i, recall, len, pope_<split>_<metric>)."""
+    """summary.json row -> MLflow metric names (chair_s, chair_i, recall, len, chair_i_sentence_<n>,
+    pope_<split>_<metric>)."""
     metrics = {k: float(v) for k, v in row["chair"].items()}
+    for position in row.get("chair_by_sentence", []):
+        metrics[f"chair_i_sentence_{position['sentence'] + 1}"] = float(position["chair_i"])
     for split, values in row["pope"].items():
         metrics.update({f"pope_{split}_{m}": float(v) for m, v in values.items()})
     return metrics

@@ -256,3 +256,23 @@ def test_ground_truth_default_scorer(tiny_coco):
     instances, captions = tiny_coco
     truth = ground_truth_from_coco(instances, captions)
     assert truth[2] == {"couch", "person", "motorcycle", "bus"}
+
+
+# --- by sentence position --------------------------------------------------
+
+
+def test_by_sentence_counts_mentions_and_hallucinations_per_position(scorer):
+    records = [
+        {"image_id": 1, "response": "A dog on a bed. There is also a cat. A laptop is nearby."},
+        {"image_id": 2, "response": "A cat sits. A pizza."},
+    ]
+    gt = {1: {"dog", "bed", "cat"}, 2: {"cat", "dog"}}
+    rows = scorer.by_sentence(records, gt)
+    assert [r["sentence"] for r in rows] == [0, 1, 2]
+    assert [r["responses"] for r in rows] == [2, 2, 1]
+    assert [r["mentions"] for r in rows] == [3, 2, 1]        # dog, bed, cat | cat, pizza | laptop
+    assert [r["hallucinated"] for r in rows] == [0, 1, 1]    # pizza; laptop
+    assert [r["chair_i"] for r in rows] == [0.0, 0.5, 1.0]
+    whole = scorer.score(records, gt)
+    assert sum(r["mentions"] for r in rows) == whole["n_mentions"]
+    assert sum(r["hallucinated"] for r in rows) == whole["n_hallucinated_mentions"]

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from halludpo.metrics.text import TextPipeline, get_text_pipeline
+from halludpo.metrics.text import TextPipeline, get_text_pipeline, split_sentences
 
 COCO_COMPOUNDS: list[str] = [
     "motor bike", "motor cycle", "air plane", "traffic light", "street light",
@@ -183,6 +183,29 @@ class ChairScorer:
             items.append(self.score_item(image_id, response, set(ground_truth[image_id])))
             n_words += len(self.pipeline.words(response.lower()))
         return self._summarize(items, n_words)
+
+    def by_sentence(self, records: Iterable[Mapping[str, Any]], ground_truth: Mapping[Any, set[str]]
+                    ) -> list[dict[str, Any]]:
+        """CHAIR_i per sentence position: where in the descriptions the hallucinations are.
+
+        One row per position i (0 = first sentence, split by :func:`split_sentences`): responses that reach it,
+        object mentions in sentence i, hallucinated ones among them, and CHAIR_i = hallucinated / mentions.
+        Mentions are found sentence by sentence, so the sums can differ from the whole-response count only
+        where a compound spans a sentence end.
+        """
+        rows: list[dict[str, Any]] = []
+        for record in records:
+            gt = set(ground_truth[record["image_id"]])
+            for i, sentence in enumerate(split_sentences(record["response"] or "")):
+                if i == len(rows):
+                    rows.append({"sentence": i, "responses": 0, "mentions": 0, "hallucinated": 0})
+                mentioned = self.categories(sentence)
+                rows[i]["responses"] += 1
+                rows[i]["mentions"] += len(mentioned)
+                rows[i]["hallucinated"] += sum(category not in gt for category in mentioned)
+        for row in rows:
+            row["chair_i"] = _fraction(row["hallucinated"], row["mentions"])
+        return rows
 
     def _summarize(self, items: list[dict[str, Any]], n_words: int) -> dict[str, Any]:
         n_responses = len(items)

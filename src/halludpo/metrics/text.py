@@ -12,6 +12,23 @@ import re
 from typing import Protocol
 
 
+# A '.' that has no digit on either side ends a sentence; the whitespace after it belongs to that sentence.
+_SENTENCE_END = re.compile(r"(?<!\d)\.(?!\d)\s*")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split after every '.' that has no digit on either side ("3.5" stays whole; note "in 2020. Then" does not
+    split either, the '.' being next to a digit). Each piece keeps its '.' and the whitespace after it, so
+    ``"".join(pieces) == text``; text after the last '.' is a final piece; no empty piece is returned."""
+    pieces, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        pieces.append(text[start:match.end()])
+        start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
 class TextPipeline(Protocol):
     """Turns a caption into lowercase lemmatized words."""
 
