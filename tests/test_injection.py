@@ -424,3 +424,34 @@ def test_text_only_completer_never_sees_pixels(tiny_model_dir, tiny_world):
         assert out.startswith(prefix) and out.endswith(".")
         assert out[len(prefix):].count(".") == 1  # cut after the first '.'
 
+
+
+def test_verify_correct_pairs_the_models_own_hallucination_with_its_correction():
+    gens = _generations()[:1]  # RESPONSE: dog, frisbee (sentence 2), bench, bird (sentence 4)
+    verdicts = _verdicts(gens, present=set(), both_absent={"frisbee", "bird", "cup", "bowl", "fork", "knife",
+                                                           "spoon"})  # seen by both: dog, bench, kite
+    completer = FakeCompleter()
+    rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, completer, 0.4, 1, "insert",
+                                    TOY_TEMPLATES, seed=0, verdicts=verdicts, verify_correct=True)
+    (injected, fix) = rows
+    assert injected["meta"].get("kind") is None and fix["meta"]["kind"] == "correction"
+    assert stats["correction_pairs"] == 1 and stats["pairs"] == 2
+    sentences, chosen = split_sentences(RESPONSE), split_sentences(fix["chosen"])
+    assert fix["rejected"] == RESPONSE                       # the description as the model wrote it
+    assert fix["meta"]["corrected_indices"] == [2, 4] and fix["meta"]["removed_objects"] == ["frisbee", "bird"]
+    # the one missed seen object (kite) replaces the first hallucinated sentence, the second is dropped
+    assert fix["meta"]["faithful_objects"] == ["kite"] and fix["meta"]["dropped_indices"] == [4]
+    assert len(chosen) == len(sentences) - 1 and "kite" in chosen[2]
+    assert [chosen[i].strip() for i in (0, 1, 3)] == [sentences[i].strip() for i in (0, 1, 3)]
+    assert not toy_objects_of(fix["chosen"]) & {"frisbee", "bird"}
+    # completed by the model after the original preceding text, from a template naming the object
+    prefix = completer.prefixes[-1]
+    assert prefix.startswith("".join(sentences[:2])) and "kite" in prefix[len("".join(sentences[:2])):]
+    # nothing both verifiers reject: no correction pair; a correction with no object left is skipped
+    _, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
+                                 TOY_TEMPLATES, seed=0, verdicts=_verdicts(gens, set(), set()), verify_correct=True)
+    assert stats["correction_pairs"] == 0
+    everything_wrong = _verdicts(gens, present=set(), both_absent=set(TOY_OBJECTS))
+    rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
+                                    TOY_TEMPLATES, seed=0, verdicts=everything_wrong, verify_correct=True)
+    assert stats["correction_pairs"] == 0 and all(r["meta"].get("kind") != "correction" for r in rows)

@@ -315,15 +315,40 @@ def faithful_insertions(plan: Sequence[dict], missed_objects: set[str], rng: ran
     return steps
 
 
+def correction_plan(sentences: Sequence[str], objects_of: Callable[[str], set[str]], hallucinated: set[str],
+                    missed_objects: set[str], templates: Sequence[str], rng: random.Random) -> list[dict]:
+    """Verified APASI (verify.correct): the model's OWN hallucinations corrected. Each sentence naming an object
+    both verifiers find absent is replaced by a sentence about an object both find present that the response does
+    not mention (drawn without replacement, template drawn with `rng`), or dropped once none remains. The pair
+    (chosen = corrected, rejected = the response as generated) pushes down what the model itself said wrong, at
+    the place it said it — APASI's injected objects are ones the model would not have said."""
+    missed = sorted(missed_objects - set().union(*(objects_of(s) for s in sentences)))
+    steps = []
+    for index, sentence in enumerate(sentences):
+        wrong = sorted(objects_of(sentence) & hallucinated)
+        if not wrong:
+            continue
+        if not missed:
+            steps.append({"index": index, "action": "drop", "object": None, "removed": wrong})
+            continue
+        obj = missed.pop(rng.randrange(len(missed)))
+        template = rng.choice(templates)
+        steps.append({"index": index, "action": "replace", "object": obj, "removed": wrong, "template": template,
+                      "template_prefix": fill_template(template, obj)})
+    return steps
+
+
 def realize(plan_result: dict[str, Any], completions: dict[int, str]) -> str:
     """The rejected text: completions[index] (the completed injected sentence, without its preceding context)
-    replaces or follows sentence `index`; it takes that sentence's trailing whitespace (a space after the last
+    replaces or follows sentence `index` (a "drop" step removes it); it takes that sentence's trailing whitespace (a space after the last
     sentence for an insertion), so every other sentence is unchanged character for character."""
     actions = {step["index"]: step["action"] for step in plan_result["plan"]}
     pieces = []
     for i, sentence in enumerate(plan_result["sentences"]):
         if i not in actions:
             pieces.append(sentence)
+            continue
+        if actions[i] == "drop":
             continue
         new = completions[i].strip()
         space = _trailing_space(sentence)
@@ -381,7 +406,7 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
                       completer, rate: float, skip: int, mode: str, templates: Sequence[str], seed: int,
                       top_k: int = 10, verdicts: Sequence[dict[str, tuple[bool, bool]]] | None = None,
                       verify_injected: bool = False, verify_chosen: bool = False,
-                      verify_complete: bool = False) -> tuple[list[dict], dict]:
+                      verify_complete: bool = False, verify_correct: bool = False) -> tuple[list[dict], dict]:
     """APASI pairs (pairs.jsonl rows) from generations.jsonl rows, and counts.
 
     Co-occurrence statistics come from the model's OWN responses. Each response is planned with
@@ -392,25 +417,36 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
     verdicts (extension, one per generation): {category: (verifier A present, verifier B present)}; with
     verify_injected an object both verifiers find is never injected; with verify_chosen the sentences naming an object both find
     absent are dropped from the chosen response first (meta.dropped_sentences); with verify_complete the chosen
-    response gets faithful_insertions (meta.faithful_objects), completed like the injected ones.
+    response gets faithful_insertions (meta.faithful_objects), completed like the injected ones; with
+    verify_correct every response naming an object both find absent also gives a correction pair
+    (:func:`correction_plan`; meta.kind "correction", after the injection pairs).
     Stats: responses, pairs, skipped_rate (too few sentences), skipped_no_objects, skipped_identical,
-    and with verdicts dropped_sentences, skipped_all_dropped, faithful_insertions.
+    and with verdicts dropped_sentences, skipped_all_dropped, faithful_insertions, correction_pairs.
     """
     if verdicts is not None and len(verdicts) != len(generations):
         raise ValueError(f"{len(verdicts)} verdicts for {len(generations)} generations")
-    if (verify_injected or verify_chosen or verify_complete) and verdicts is None:
-        raise ValueError("verify_injected / verify_chosen / verify_complete need the verifiers' verdicts")
+    if (verify_injected or verify_chosen or verify_complete or verify_correct) and verdicts is None:
+        raise ValueError("verify_injected / verify_chosen / verify_complete / verify_correct need the verifiers' "
+                         "verdicts")
     _, co_freq = object_statistics(objects_of(g["response"]) for g in generations)
     stats = {"responses": len(generations), "pairs": 0, "skipped_rate": 0, "skipped_no_objects": 0,
              "skipped_identical": 0}
     if verdicts is not None:
-        stats |= {"dropped_sentences": 0, "skipped_all_dropped": 0, "faithful_insertions": 0}
+        stats |= {"dropped_sentences": 0, "skipped_all_dropped": 0, "faithful_insertions": 0,
+                  "correction_pairs": 0}
     seen: Counter = Counter()
     planned: list[tuple[dict, dict, list[dict]]] = []
+    corrections: list[tuple[dict, dict]] = []
     for i, gen in enumerate(generations):
         rng = random.Random(f"{seed}/{gen['image_id']}/{seen[gen['image_id']]}")
         seen[gen["image_id"]] += 1
         present, hallucinated = _verified_objects(verdicts[i] if verdicts is not None else None)
+        if verify_correct and hallucinated:
+            sentences = split_sentences(gen["response"])
+            steps = correction_plan(sentences, objects_of, hallucinated, present, templates,
+                                    random.Random(f"{seed}/{gen['image_id']}/correct/{seen[gen['image_id']]}"))
+            if steps:
+                corrections.append((gen, {"sentences": sentences, "plan": steps}))
         if verify_chosen and hallucinated:
             response, dropped = drop_hallucinated_sentences(gen["response"], objects_of, hallucinated)
             stats["dropped_sentences"] += len(dropped)
@@ -433,7 +469,9 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
         planned.append((gen, result, faithful))
 
     completions = _complete_steps(completer, [(result["sentences"], step) for _, result, faithful in planned
-                                              for step in [*result["plan"], *faithful]])
+                                              for step in [*result["plan"], *faithful]]
+                                  + [(fix["sentences"], step) for _, fix in corrections for step in fix["plan"]
+                                     if step["action"] == "replace"])
     rows = []
     for gen, result, faithful in planned:
         rejected = realize(result, {step["index"]: next(completions) for step in result["plan"]})
@@ -457,6 +495,26 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
                 "generator_model": gen.get("model"), "round": gen.get("round"),
                 **({"dropped_sentences": gen["dropped_sentences"]} if "dropped_sentences" in gen else {}),
                 **({"faithful_objects": [s["object"] for s in faithful]} if verify_complete else {}),
+            },
+        })
+    for gen, fix in corrections:
+        chosen = realize(fix, {step["index"]: next(completions) for step in fix["plan"] if step["action"] == "replace"})
+        chosen = chosen.strip()
+        if not objects_of(chosen):  # nothing left to describe: the pair would only teach to stop
+            stats["skipped_no_objects"] += 1
+            continue
+        plan = fix["plan"]
+        stats["correction_pairs"] += 1
+        rows.append({
+            "image_id": gen["image_id"], "image_path": gen["image_path"], "prompt": gen["prompt"], "context": "",
+            "chosen": chosen, "rejected": gen["response"], "method": "apasi",
+            "meta": {
+                "kind": "correction",
+                "corrected_indices": [s["index"] for s in plan],
+                "removed_objects": [o for s in plan for o in s["removed"]],
+                "faithful_objects": [s["object"] for s in plan if s["action"] == "replace"],
+                "dropped_indices": [s["index"] for s in plan if s["action"] == "drop"],
+                "generator_model": gen.get("model"), "round": gen.get("round"),
             },
         })
     stats["pairs"] = len(rows)

@@ -36,7 +36,7 @@ def pair_methods(method_cfg: Mapping) -> list[str]:
 def apasi_verifies(method_cfg: Mapping) -> bool:
     """Whether APASI's pairs are checked by the two object verifiers (method.verify, an extension)."""
     verify = method_cfg.get("verify") or {}
-    return any(bool(verify.get(key)) for key in ("injected", "chosen", "complete"))
+    return any(bool(verify.get(key)) for key in ("injected", "chosen", "complete", "correct"))
 
 
 def uses_verifiers(method_cfg: Mapping) -> bool:

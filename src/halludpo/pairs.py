@@ -79,7 +79,8 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
                                     seed=cfg.seed + k, top_k=method.top_k, verdicts=verdicts,
                                     verify_injected=bool(verify.get("injected")),
                                     verify_chosen=bool(verify.get("chosen")),
-                                    verify_complete=bool(verify.get("complete")))
+                                    verify_complete=bool(verify.get("complete")),
+                                    verify_correct=bool(verify.get("correct")))
     if not rows:
         raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
                          f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
