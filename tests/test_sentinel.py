@@ -288,3 +288,20 @@ def test_pairs_follow_the_contract(toy_scorer):
     assert stats["pairs"] == len(rows) == 3 and stats["finished"] == 2 and stats["capped"] == 1
     assert stats["steps"] == 7 and stats["steps_with_pairs"] == 3
     json.dumps(rows)
+
+
+def test_win_rules_new_objects_pairs_from_the_first_object_sentence():
+    sentences = [
+        {"label": FACTUAL, "objects": ["dog"]},
+        {"label": HALLUCINATED, "objects": ["kite"]},
+        {"label": FACTUAL, "objects": ["bench"]},
+        {"label": FACTUAL, "objects": ["dog", "bench"]},
+        {"label": HALLUCINATED, "objects": ["cup"]},
+    ]
+    assert win_indices(sentences, {"dog"}) == [0, 3]                      # the paper's: shares an object
+    assert win_indices(sentences, {"dog"}, "new_objects") == [2, 3]       # names an object the context lacks
+    assert win_indices(sentences, {"dog"}, "factual") == [0, 2, 3]
+    assert step_pairs(sentences, set(), "new_objects") == [(0, 1), (2, 4)]  # empty context: pairs all the same
+    assert step_pairs(sentences, set()) == []
+    with pytest.raises(ValueError, match="new_objects"):
+        win_indices(sentences, set(), "newest")

@@ -163,7 +163,7 @@ def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
                                        seed=seed, batch_size=sampling.batch_size)
     finally:
         sampler.close()
-    rows, stats = build_sentinel_pairs(trajectories)
+    rows, stats = build_sentinel_pairs(trajectories, method.get("win", "context_coherent"))
     write_jsonl(out.with_name("trajectories.jsonl"), trajectories)
     if not rows:
         raise InputError(f"round {k}: SENTINEL built no pair from {len(items)} images ({stats}); a pair needs, at "

@@ -29,6 +29,8 @@ FACTUAL, HALLUCINATED, UNCERTAIN, NO_OBJECTS = "factual", "hallucinated", "uncer
 
 # How the context grew at a step, in the order the rule tries them.
 GROW_NEW_OBJECTS, GROW_COHERENT, GROW_ANY = "factual_new_objects", "factual_coherent", "any"
+WIN_COHERENT, WIN_NEW_OBJECTS, WIN_FACTUAL = "context_coherent", "new_objects", "factual"
+WIN_RULES = (WIN_COHERENT, WIN_NEW_OBJECTS, WIN_FACTUAL)
 
 # sample_fn(batch of (item, context)) -> n raw one-sentence continuations per entry.
 SampleFn = Callable[[list[tuple[Any, str]]], list[list[str]]]
@@ -139,11 +141,16 @@ def introduces_new_objects(objects: Iterable[str], context_objects: Iterable[str
     return bool(set(objects) - set(context_objects))
 
 
-def win_indices(sentences: Sequence[dict], context_objects: Iterable[str]) -> list[int]:
-    """y_win candidates, in sample order: factual AND context-coherent sentences."""
+def win_indices(sentences: Sequence[dict], context_objects: Iterable[str], rule: str = WIN_COHERENT) -> list[int]:
+    """y_win candidates, in sample order: factual sentences that are context-coherent (rule "context_coherent",
+    the paper's), that introduce an object the context does not mention ("new_objects", an extension for data
+    whose sentences name one object each, where coherent means repeating one), or any factual one ("factual")."""
+    if rule not in WIN_RULES:
+        raise ValueError(f"win rule {rule!r}; valid: {', '.join(WIN_RULES)}")
     context_objects = set(context_objects)
-    return [i for i, s in enumerate(sentences)
-            if s["label"] == FACTUAL and is_context_coherent(s["objects"], context_objects)]
+    keep = {WIN_COHERENT: is_context_coherent, WIN_NEW_OBJECTS: introduces_new_objects,
+            WIN_FACTUAL: lambda objects, context: True}[rule]
+    return [i for i, s in enumerate(sentences) if s["label"] == FACTUAL and keep(s["objects"], context_objects)]
 
 
 def lose_indices(sentences: Sequence[dict]) -> list[int]:
@@ -151,10 +158,11 @@ def lose_indices(sentences: Sequence[dict]) -> list[int]:
     return [i for i, s in enumerate(sentences) if s["label"] == HALLUCINATED]
 
 
-def step_pairs(sentences: Sequence[dict], context_objects: Iterable[str]) -> list[tuple[int, int]]:
-    """(win, lose) index pairs of one step: zip of win_indices and lose_indices, min(#win, #lose) pairs. An empty
-    context has no objects, so the first sentence never yields a pair."""
-    return list(zip(win_indices(sentences, context_objects), lose_indices(sentences)))
+def step_pairs(sentences: Sequence[dict], context_objects: Iterable[str], win_rule: str = WIN_COHERENT
+               ) -> list[tuple[int, int]]:
+    """(win, lose) index pairs of one step: zip of win_indices and lose_indices, min(#win, #lose) pairs. With the
+    paper's rule an empty context has no objects, so the first sentence never yields a pair."""
+    return list(zip(win_indices(sentences, context_objects, win_rule), lose_indices(sentences)))
 
 
 def choose_next_sentence(sentences: Sequence[dict], context_objects: Iterable[str],
@@ -288,7 +296,8 @@ def sample_contexts(sample_fn: SampleFn, items: Sequence[Mapping], n: int, max_s
 # Pairs (pairs.jsonl rows)
 
 
-def pair_row(item: Mapping, step: dict, win: int, lose: int, is_last_sent: bool) -> dict:
+def pair_row(item: Mapping, step: dict, win: int, lose: int, is_last_sent: bool, win_rule: str = WIN_COHERENT
+             ) -> dict:
     """One pairs.jsonl row (DESIGN contract): prompt = the question, context = the description so far,
     chosen = y_win, rejected = y_lose; the training response is context + CONTEXT_SEPARATOR + chosen/rejected."""
     chosen, rejected = step["sentences"][win], step["sentences"][lose]
@@ -297,7 +306,7 @@ def pair_row(item: Mapping, step: dict, win: int, lose: int, is_last_sent: bool)
         "image_id": item["image_id"], "image_path": item["image_path"], "prompt": item["prompt"],
         "context": step["context"], "chosen": chosen["text"], "rejected": rejected["text"], "method": "sentinel",
         "meta": {
-            "step": step["step"], "type": "context_coherent", "is_last_sent": is_last_sent,
+            "step": step["step"], "type": win_rule, "is_last_sent": is_last_sent,
             "context_objects": step["context_objects"],
             "chosen_objects": chosen["objects"], "chosen_verdicts": chosen["verdicts"],
             "rejected_objects": rejected["objects"], "rejected_verdicts": rejected["verdicts"],
@@ -308,7 +317,7 @@ def pair_row(item: Mapping, step: dict, win: int, lose: int, is_last_sent: bool)
     }
 
 
-def build_sentinel_pairs(trajectories: Sequence[dict]) -> tuple[list[dict], dict]:
+def build_sentinel_pairs(trajectories: Sequence[dict], win_rule: str = WIN_COHERENT) -> tuple[list[dict], dict]:
     """pairs.jsonl rows from sample_contexts trajectories, and counts. Every step contributes step_pairs;
     meta.is_last_sent = the step is the last one of a description that finished (not cut by max_steps).
     Stats: images, steps, finished, capped, sentences per label, growth per rule, pairs, steps_with_pairs."""
@@ -321,10 +330,10 @@ def build_sentinel_pairs(trajectories: Sequence[dict]) -> tuple[list[dict], dict
         for k, step in enumerate(traj["steps"]):
             labels.update(s["label"] for s in step["sentences"])
             growth[step["growth"]] += 1
-            pairs = step_pairs(step["sentences"], step["context_objects"])
+            pairs = step_pairs(step["sentences"], step["context_objects"], win_rule)
             steps_with_pairs += bool(pairs)
             is_last = k == last and traj["stopped"] == "finished"
-            rows.extend(pair_row(traj["item"], step, win, lose, is_last) for win, lose in pairs)
+            rows.extend(pair_row(traj["item"], step, win, lose, is_last, win_rule) for win, lose in pairs)
     stats = {"images": len(trajectories), "steps": sum(len(t["steps"]) for t in trajectories),
              "finished": sum(t["stopped"] == "finished" for t in trajectories),
              "capped": sum(t["stopped"] == "max_steps" for t in trajectories),
