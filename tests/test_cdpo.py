@@ -1,5 +1,5 @@
 """C-DPO (SENTINEL): the question AND the context are masked out of the log-probs; only the sentence after the
-context (and the end-of-turn token) is scored. Checked on a tiny LLaVA trained on a tiny toy world (as in
+context (and the end-of-turn token, when the sentence ends the description) is scored. Checked on a tiny LLaVA trained on a tiny toy world (as in
 test_train.py): the labels of every context token are IGNORE, and no change to the log-probs at context positions
 changes the summed log-prob, while a change at a response position does."""
 
@@ -109,3 +109,20 @@ def test_cdpo_pair_scores_chosen_and_rejected_after_the_same_masked_context(mode
     losses, win, lose = preference_loss("cdpo", policy.view(2, 1), policy.view(2, 1).clone(), beta=0.1)
     assert torch.allclose(losses, torch.log(torch.tensor([2.0])))  # policy == reference -> log 2
     assert win.item() == lose.item() == 0.0
+
+
+def test_a_sentence_before_the_last_is_scored_without_the_end_of_turn(model_and_processor, tiny_world):
+    """SENTINEL's pairs before a description's last sentence continue the answer: scoring the end-of-turn after
+    them would teach the model to stop after every sentence it is taught to prefer."""
+    _, processor = model_and_processor
+    path = str(next((tiny_world / "eval" / "images").glob("*.png")))
+    row = {"image_id": 1, "image_path": path, "prompt": PROMPT, "context": CONTEXTS[2],
+           "chosen": "there is a bench .", "rejected": "there is a kite .", "method": "sentinel",
+           "meta": {"is_last_sent": False}}
+    for last, end in ((False, []), (True, ["</s>"])):
+        segments = pair_segments(processor, row | {"meta": {"is_last_sent": last}}, 200)
+        for seg, text in zip(segments, (row["chosen"], row["rejected"])):
+            scored = processor.tokenizer.convert_ids_to_tokens(seg["input_ids"][seg["labels"] != IGNORE])
+            assert scored == [*text.split(), *end]
+    middle = encode_segment(processor, load_image(path), PROMPT, "", "there is a bench .", 200, score_end=False)
+    assert processor.tokenizer.convert_ids_to_tokens(middle["input_ids"])[-1] == "</s>"  # still in the input

@@ -1,8 +1,8 @@
 """Encoding (image, prompt, context, response) segments and summing response log-probs.
 
 Shared by the reference log-prob stage and the preference trainer so that both score exactly the same tokens.
-A segment's labels keep only the response (and the end-of-turn tokens): the prompt, the image tokens and — for
-SENTINEL's C-DPO — the context are masked out.
+A segment's labels keep only the response (and the end-of-turn tokens, unless the response is a sentence in the
+middle of an answer): the prompt, the image tokens and — for SENTINEL's C-DPO — the context are masked out.
 """
 
 from __future__ import annotations
@@ -67,11 +67,14 @@ def join_context(context: str, response: str) -> str:
     return f"{context.rstrip()} {response.lstrip()}" if context.strip() else response
 
 
-def encode_segment(processor, image, prompt: str, context: str, response: str, max_length: int) -> dict:
+def encode_segment(processor, image, prompt: str, context: str, response: str, max_length: int,
+                   score_end: bool = True) -> dict:
     """input_ids, labels (response tokens only) and the processor's image tensors for one segment.
 
     The scored span starts after prompt + context, found by encoding the generation prompt + context alone
     with the same processor call; any truncation is refused (it could cut image tokens or the response).
+    score_end=False also masks the end-of-turn tokens after the response: for a sentence in the middle of an
+    answer (SENTINEL's pairs before the last sentence), whose end-of-turn would teach the answer to stop there.
     """
     full = processor(images=[image], text=[render_turn(processor, prompt, join_context(context, response))],
                      return_tensors="pt")
@@ -86,11 +89,29 @@ def encode_segment(processor, image, prompt: str, context: str, response: str, m
                          "truncation would cut the response or the image tokens")
     labels = input_ids.clone()
     labels[:n_prefix] = IGNORE
+    if not score_end:
+        labels[response_end(processor, image, prompt, context, response, input_ids):] = IGNORE
     # everything else the processor returns goes to the model as is: image tensors (pixel_values, image_sizes,
     # image_grid_thw) and per-token fields (Qwen-VL's mm_token_type_ids, kept 1-D like input_ids)
     extras = {k: v[0] if v.shape == full["input_ids"].shape else v for k, v in full.items()
               if k not in ("input_ids", "attention_mask")}
     return {"input_ids": input_ids, "labels": labels, **extras}
+
+
+def response_end(processor, image, prompt: str, context: str, response: str, input_ids: torch.Tensor) -> int:
+    """Index of the first token after the response in a rendered turn's input_ids (where end-of-turn begins)."""
+    text = render_turn(processor, prompt, None) + join_context(context, response)
+    ids = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0]
+    if not torch.equal(input_ids[:len(ids)], ids):
+        raise ValueError(f"the chat template does not extend the response {response!r} token for token; its end "
+                         "cannot be masked")
+    return len(ids)
+
+
+def ends_answer(row: dict) -> bool:
+    """Whether a pair's responses end the answer: all but SENTINEL's sentences before the last one
+    (meta.is_last_sent false), which continue it."""
+    return bool((row.get("meta") or {}).get("is_last_sent", True))
 
 
 def check_image_tokens(segments: Sequence[dict], image_token_id: int, expected: int | Sequence[int],
@@ -183,7 +204,7 @@ def example_segments(processor, row: dict, loss: str, max_length: int, images: d
     images = example_images(row, loss, images)
     context = row.get("context") or ""
     return [encode_segment(processor, images[row[image_field]], row["prompt"], context, row[response_field],
-                           max_length)
+                           max_length, score_end=ends_answer(row))
             for _, image_field, response_field in segment_specs(loss)]
 
 
