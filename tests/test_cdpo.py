@@ -1,7 +1,7 @@
 """C-DPO (SENTINEL): the question AND the context are masked out of the log-probs; only the sentence after the
-context (and the end-of-turn token, when the sentence ends the description) is scored. Checked on a tiny LLaVA trained on a tiny toy world (as in
-test_train.py): the labels of every context token are IGNORE, and no change to the log-probs at context positions
-changes the summed log-prob, while a change at a response position does."""
+context (and the end-of-turn token, when the sentence ends the description) is scored. Checked on a tiny LLaVA
+trained on a tiny toy world (as in test_train.py): the labels of every context token are IGNORE, and no change to
+the log-probs at context positions changes the summed log-prob, while a change at a response position does."""
 
 from __future__ import annotations
 

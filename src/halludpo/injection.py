@@ -340,8 +340,9 @@ def correction_plan(sentences: Sequence[str], objects_of: Callable[[str], set[st
 
 def realize(plan_result: dict[str, Any], completions: dict[int, str]) -> str:
     """The rejected text: completions[index] (the completed injected sentence, without its preceding context)
-    replaces or follows sentence `index` (a "drop" step removes it); it takes that sentence's trailing whitespace (a space after the last
-    sentence for an insertion), so every other sentence is unchanged character for character."""
+    replaces or follows sentence `index` (a "drop" step removes it); it takes that sentence's trailing whitespace
+    (a space after the last sentence for an insertion), so every other sentence is unchanged character for
+    character."""
     actions = {step["index"]: step["action"] for step in plan_result["plan"]}
     pieces = []
     for i, sentence in enumerate(plan_result["sentences"]):
