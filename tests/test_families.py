@@ -96,6 +96,23 @@ def test_image_tokens_match_the_models_features(family_dir, image_paths, pairs):
     assert len(PairDataset(pairs, processor, MAX_LENGTH)) == 3
 
 
+def test_a_mid_answer_sentence_is_scored_without_the_end_of_turn(family_dir, image_paths):
+    """SENTINEL's sentences before a description's last: every family's chat template extends prompt + context +
+    sentence token for token, so the end-of-turn tokens after it can be masked (and only they are)."""
+    family, model_dir = family_dir
+    _, processor = load_model_and_processor(model_dir, family)
+    image = load_image(image_paths[0])
+    args = (processor, image, "Describe this image.", "A red circle.", "It is on white.", MAX_LENGTH)
+    whole, middle = encode_segment(*args), encode_segment(*args, score_end=False)
+    assert torch.equal(whole["input_ids"], middle["input_ids"])
+    scored_whole, scored_middle = (seg["labels"] != -100 for seg in (whole, middle))
+    n_middle = int(scored_middle.sum())
+    assert 0 < n_middle < int(scored_whole.sum())  # the response's tokens, without the end-of-turn ones
+    assert torch.equal(scored_whole.nonzero()[:n_middle], scored_middle.nonzero())  # a prefix of the scored span
+    text = processor.tokenizer.decode(middle["input_ids"][scored_middle])
+    assert text.strip().endswith("white.")
+
+
 def test_reference_logps_batched_equal_single(family_dir, pairs):
     """The reference_logps stage's summed log-probs of chosen / rejected are finite, negative, and the same
     batched (3 images of different sizes, right-padded) as one pair at a time."""

@@ -71,26 +71,28 @@ def encode_segment(processor, image, prompt: str, context: str, response: str, m
                    score_end: bool = True) -> dict:
     """input_ids, labels (response tokens only) and the processor's image tensors for one segment.
 
-    The scored span starts after prompt + context, found by encoding the generation prompt + context alone
-    with the same processor call; any truncation is refused (it could cut image tokens or the response).
-    score_end=False also masks the end-of-turn tokens after the response: for a sentence in the middle of an
-    answer (SENTINEL's pairs before the last sentence), whose end-of-turn would teach the answer to stop there.
+    The scored span starts after prompt + context: the token count of the generation prompt alone, or with a
+    context, of the finished turn's text cut after the context (a cut inside the assistant text, so that every
+    template tokenizes it as it does in the whole turn); any truncation is refused (it could cut image tokens or
+    the response). score_end=False also masks the end-of-turn tokens after the response: for a sentence in the
+    middle of an answer (SENTINEL's pairs before the last sentence), whose end-of-turn would teach the answer to
+    stop there.
     """
-    full = processor(images=[image], text=[render_turn(processor, prompt, join_context(context, response))],
-                     return_tensors="pt")
-    prefix_text = render_turn(processor, prompt, None) + (context.rstrip() + " " if context.strip() else "")
-    prefix = processor(images=[image], text=[prefix_text], return_tensors="pt")
+    answer = join_context(context, response)
+    full_text = render_turn(processor, prompt, answer)
+    full = processor(images=[image], text=[full_text], return_tensors="pt")
     input_ids = full["input_ids"][0]
-    n_prefix = prefix["input_ids"].shape[1]
-    if not torch.equal(input_ids[:n_prefix], prefix["input_ids"][0]):
-        raise ValueError(f"the chat template does not extend the prompt prefix for prompt {prompt!r}")
     if len(input_ids) > max_length:
         raise ValueError(f"segment of {len(input_ids)} tokens exceeds max_length={max_length}; raise it — "
                          "truncation would cut the response or the image tokens")
+    answer_start = full_text.rindex(answer)
+    prefix_text = (full_text[:answer_start + len(context.rstrip())] if context.strip()
+                   else render_turn(processor, prompt, None))
     labels = input_ids.clone()
-    labels[:n_prefix] = IGNORE
+    labels[:prefix_length(processor, image, prefix_text, input_ids, "prompt and context")] = IGNORE
     if not score_end:
-        labels[response_end(processor, image, prompt, context, response, input_ids):] = IGNORE
+        end_text = full_text[:answer_start + len(answer.rstrip())]
+        labels[prefix_length(processor, image, end_text, input_ids, "response"):] = IGNORE
     # everything else the processor returns goes to the model as is: image tensors (pixel_values, image_sizes,
     # image_grid_thw) and per-token fields (Qwen-VL's mm_token_type_ids, kept 1-D like input_ids)
     extras = {k: v[0] if v.shape == full["input_ids"].shape else v for k, v in full.items()
@@ -98,13 +100,11 @@ def encode_segment(processor, image, prompt: str, context: str, response: str, m
     return {"input_ids": input_ids, "labels": labels, **extras}
 
 
-def response_end(processor, image, prompt: str, context: str, response: str, input_ids: torch.Tensor) -> int:
-    """Index of the first token after the response in a rendered turn's input_ids (where end-of-turn begins)."""
-    text = render_turn(processor, prompt, None) + join_context(context, response)
+def prefix_length(processor, image, text: str, input_ids: torch.Tensor, what: str) -> int:
+    """Number of tokens of `text`, checked to be a token-for-token prefix of the whole turn's input_ids."""
     ids = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0]
     if not torch.equal(input_ids[:len(ids)], ids):
-        raise ValueError(f"the chat template does not extend the response {response!r} token for token; its end "
-                         "cannot be masked")
+        raise ValueError(f"the chat template does not extend the {what} token for token: {text[-80:]!r}")
     return len(ids)
 
 
