@@ -66,7 +66,7 @@ def test_summary_and_protocol(pipeline_dir):
     assert protocol["text_pipeline"] in ("offline-lemminflect", "nltk-wordnet") and protocol["versions"]["torch"]
     assert chair["metrics"]["chair_i"] == row["chair"]["chair_i"]
     by_sentence = row["chair_by_sentence"]
-    assert by_sentence == chair["metrics"]["by_sentence"] and by_sentence[0]["responses"] == 20
+    assert by_sentence == chair["metrics"]["by_sentence"] and 0 < by_sentence[0]["responses"] <= 20
     assert sum(s["hallucinated"] for s in by_sentence) == chair["metrics"]["n_hallucinated_mentions"]
     assert "CHAIR_i by sentence position" in (exp / "summary.md").read_text()
     pope = json.loads((exp / "round_0" / "eval" / "pope.json").read_text())
