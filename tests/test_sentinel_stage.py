@@ -115,8 +115,9 @@ def test_pairs_stage_rows_follow_the_contract_and_carry_the_context(oracle_runs,
         assert row["context"].strip() and row["chosen"].strip() and row["rejected"].strip()
         assert row["chosen"] != row["rejected"]
         meta = row["meta"]
-        assert meta["step"] >= 1 and meta["type"] == "context_coherent"
-        assert set(meta["chosen_objects"]) & set(meta["context_objects"])  # context-coherent y_win
+        # toy_sentinel's y_win rule (method.win=new_objects): y_win names an object the context lacks
+        assert meta["step"] >= 1 and meta["type"] == "new_objects"
+        assert set(meta["chosen_objects"]) - set(meta["context_objects"])
         assert meta["rejected_hallucinated_objects"]
         assert meta["generator_model"] == str(sentence_model) and meta["round"] == 0
         # the oracle ablation: y_win's objects are all in the image, y_lose's hallucinated ones are not
