@@ -85,7 +85,10 @@ def encode_segment(processor, image, prompt: str, context: str, response: str, m
     if len(input_ids) > max_length:
         raise ValueError(f"segment of {len(input_ids)} tokens exceeds max_length={max_length}; raise it — "
                          "truncation would cut the response or the image tokens")
-    answer_start = full_text.rindex(answer)
+    answer_start = full_text.rfind(answer)
+    if answer_start < 0:
+        raise ValueError(f"the chat template changed the assistant text {answer[:80]!r}: its tokens cannot be "
+                         "told from the prompt's")
     prefix_text = (full_text[:answer_start + len(context.rstrip())] if context.strip()
                    else render_turn(processor, prompt, None))
     labels = input_ids.clone()
