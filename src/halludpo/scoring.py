@@ -85,22 +85,27 @@ def encode_segment(processor, image, prompt: str, context: str, response: str, m
     if len(input_ids) > max_length:
         raise ValueError(f"segment of {len(input_ids)} tokens exceeds max_length={max_length}; raise it — "
                          "truncation would cut the response or the image tokens")
-    answer_start = full_text.rfind(answer)
-    if answer_start < 0:
-        raise ValueError(f"the chat template changed the assistant text {answer[:80]!r}: its tokens cannot be "
-                         "told from the prompt's")
-    prefix_text = (full_text[:answer_start + len(context.rstrip())] if context.strip()
+    prefix_text = (full_text[:answer_start(full_text, answer) + len(context.rstrip())] if context.strip()
                    else render_turn(processor, prompt, None))
     labels = input_ids.clone()
     labels[:prefix_length(processor, image, prefix_text, input_ids, "prompt and context")] = IGNORE
     if not score_end:
-        end_text = full_text[:answer_start + len(answer.rstrip())]
+        end_text = full_text[:answer_start(full_text, answer) + len(answer.rstrip())]
         labels[prefix_length(processor, image, end_text, input_ids, "response"):] = IGNORE
     # everything else the processor returns goes to the model as is: image tensors (pixel_values, image_sizes,
     # image_grid_thw) and per-token fields (Qwen-VL's mm_token_type_ids, kept 1-D like input_ids)
     extras = {k: v[0] if v.shape == full["input_ids"].shape else v for k, v in full.items()
               if k not in ("input_ids", "attention_mask")}
     return {"input_ids": input_ids, "labels": labels, **extras}
+
+
+def answer_start(full_text: str, answer: str) -> int:
+    """Where the assistant text begins in a rendered turn (only asked when a cut inside it is needed)."""
+    start = full_text.rfind(answer)
+    if start < 0:
+        raise ValueError(f"the chat template changed the assistant text {answer[:80]!r}: its tokens cannot be "
+                         "told from the prompt's")
+    return start
 
 
 def prefix_length(processor, image, text: str, input_ids: torch.Tensor, what: str) -> int:
