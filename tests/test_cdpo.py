@@ -126,3 +126,28 @@ def test_a_sentence_before_the_last_is_scored_without_the_end_of_turn(model_and_
             assert scored == [*text.split(), *end]
     middle = encode_segment(processor, load_image(path), PROMPT, "", "there is a bench .", 200, score_end=False)
     assert processor.tokenizer.convert_ids_to_tokens(middle["input_ids"])[-1] == "</s>"  # still in the input
+
+
+def test_a_stop_pair_scores_only_the_end_of_turn_for_its_empty_response(model_and_processor, tiny_world):
+    """SENTINEL's stop pairs (method.stop_pairs): "" = end the answer after the context. Its segment scores the
+    end-of-turn alone, right after the context; the sentence against it is scored without one (it continues)."""
+    model, processor = model_and_processor
+    path = str(next((tiny_world / "eval" / "images").glob("*.png")))
+    row = {"image_id": 1, "image_path": path, "prompt": PROMPT, "context": CONTEXTS[2], "chosen": "",
+           "rejected": "there is a kite .", "method": "sentinel",
+           "meta": {"is_last_sent": False, "type": "stop_over_hallucinated"}}
+    stop, sentence = pair_segments(processor, row, 200)
+    tokens = processor.tokenizer.convert_ids_to_tokens(stop["input_ids"])
+    assert tokens[-len(CONTEXTS[2].split()) - 1:] == [*CONTEXTS[2].split(), "</s>"]  # no stray space token
+    assert processor.tokenizer.convert_ids_to_tokens(stop["input_ids"][stop["labels"] != IGNORE]) == ["</s>"]
+    scored = processor.tokenizer.convert_ids_to_tokens(sentence["input_ids"][sentence["labels"] != IGNORE])
+    assert scored == row["rejected"].split()
+    # the stop segment's log-prob is log P(end-of-turn | image, question, context), from the same forward pass
+    batch = collate_segments([stop], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps, counts = forward_logps(model, batch)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+    assert counts.tolist() == [1]
+    end = len(stop["input_ids"]) - 1
+    expected = torch.log_softmax(logits[end - 1], -1)[stop["input_ids"][end]]
+    assert torch.allclose(logps[0], expected, atol=1e-5)

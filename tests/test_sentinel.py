@@ -10,12 +10,14 @@ from halludpo import toyworld
 from halludpo.metrics.chair import ChairScorer, coco_synonyms_path, load_synonyms
 from halludpo.metrics.text import OfflineTextPipeline
 from halludpo.sentinel import (
+    CONTINUE_OVER_STOP,
     FACTUAL,
     GROW_ANY,
     GROW_COHERENT,
     GROW_NEW_OBJECTS,
     HALLUCINATED,
     NO_OBJECTS,
+    STOP_OVER_HALLUCINATED,
     UNCERTAIN,
     append_sentence,
     build_sentinel_pairs,
@@ -32,6 +34,7 @@ from halludpo.sentinel import (
     sentence_label,
     sentence_objects,
     step_pairs,
+    stop_pair,
     win_indices,
 )
 
@@ -218,10 +221,11 @@ ITEMS = [{"image_id": i, "image_path": f"img_{i}.png", "prompt": "describe this 
           "round": 0} for i in (1, 2, 3)]
 
 
-def run_driver(toy_scorer, max_steps=5, batch_size=None, seed=0):
+def run_driver(toy_scorer, max_steps=5, batch_size=None, seed=0, all_objects=None):
     calls, asked = [], []
     trajectories = sample_contexts(fake_sampler_for_tests(calls), ITEMS, N, max_steps, object_extractor(toy_scorer),
-                                   fake_decide_for_tests(asked), seed=seed, batch_size=batch_size)
+                                   fake_decide_for_tests(asked), seed=seed, batch_size=batch_size,
+                                   all_objects=all_objects)
     return trajectories, calls, asked
 
 
@@ -305,3 +309,71 @@ def test_win_rules_new_objects_pairs_from_the_first_object_sentence():
     assert step_pairs(sentences, set()) == []
     with pytest.raises(ValueError, match="new_objects"):
         win_indices(sentences, set(), "newest")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stop pairs (extension, method.stop_pairs)
+
+
+def step_of(context_objects, sentences, n_empty):
+    return {"step": 3, "context": "there is a dog .", "context_objects": context_objects, "n_samples": 4,
+            "n_empty": n_empty, "sentences": sentences}
+
+
+def test_stop_pair_ends_the_answer_only_when_neither_verifier_sees_anything_unnamed():
+    sentences = [sent(FACTUAL, "dog"), sent(HALLUCINATED, "kite"), sent(HALLUCINATED, "cup")]
+    decisions = {"dog": (True, True), "kite": (False, False), "cup": (False, False), "bench": (False, False)}
+    assert stop_pair(step_of(["dog"], sentences, 0), decisions) == (STOP_OVER_HALLUCINATED, 1)  # first in order
+    assert stop_pair(step_of(["dog"], sentences[:1], 2), decisions) is None  # nothing hallucinated to reject
+    for uncertain in [(True, False), (False, True)]:  # one verifier sees the bench: maybe there is more to say
+        assert stop_pair(step_of(["dog"], sentences, 3), decisions | {"bench": uncertain}) is None
+
+
+def test_stop_pair_continues_when_both_verifiers_see_an_unnamed_object_and_some_samples_stopped():
+    decisions = {"dog": (True, True), "bench": (True, True), "kite": (False, False)}
+    sentences = [sent(HALLUCINATED, "kite"), sent(FACTUAL, "dog"), sent(FACTUAL, "bench"), sent(FACTUAL, "bench")]
+    assert stop_pair(step_of(["dog"], sentences, 1), decisions) == (CONTINUE_OVER_STOP, 2)  # names the bench
+    assert stop_pair(step_of(["dog"], sentences, 0), decisions) is None  # no sample stopped: nothing to reject
+    assert stop_pair(step_of(["dog"], sentences[:2], 1), decisions) is None  # no sentence names the bench
+    assert stop_pair(step_of(["dog", "bench"], sentences, 2), decisions) == (STOP_OVER_HALLUCINATED, 0)
+
+
+def test_driver_decides_every_object_up_front_and_records_the_finishing_step(toy_scorer):
+    everything = ["bench", "bird", "dog", "frisbee", "kite"]
+    trajectories, _, asked = run_driver(toy_scorer, max_steps=5, all_objects=everything)
+    assert asked[0] == [(i, everything) for i in (1, 2, 3)] and len(asked) == 1  # nothing left to ask later
+    one, two, three = trajectories
+    assert one["decisions"] == {"bench": [True, False], "bird": [False, False], "dog": [True, True],
+                                "frisbee": [True, True], "kite": [False, False]}
+    assert one["final"]["step"] == 2 and one["final"]["n_empty"] == 3
+    assert [s["text"] for s in one["final"]["sentences"]] == ["there is a bench ."]
+    assert "appended" not in one["final"] and one["description"].count(".") == 2  # nothing appended
+    assert two["final"]["context"] == "" and [s["label"] for s in two["final"]["sentences"]] == [FACTUAL]
+    assert three["final"] is None  # capped, never finished
+    assert [s["n_empty"] for s in one["steps"]] == [1, 0]
+    without, _, _ = run_driver(toy_scorer, max_steps=5)
+    assert [t["description"] for t in without] == [t["description"] for t in trajectories]  # same growth
+
+
+def test_stop_pairs_rows_and_stats(toy_scorer):
+    trajectories, _, _ = run_driver(toy_scorer, max_steps=5, all_objects=["bench", "bird", "dog", "frisbee", "kite"])
+    plain, _ = build_sentinel_pairs(trajectories)
+    rows, stats = build_sentinel_pairs(trajectories, stop_pairs=True)
+    assert all(r in rows for r in plain)
+    stops = [r for r in rows if r["meta"]["type"] in (STOP_OVER_HALLUCINATED, CONTINUE_OVER_STOP)]
+    assert len(rows) == len(plain) + len(stops)
+    assert stats["stop_pairs"] == {STOP_OVER_HALLUCINATED: 2, CONTINUE_OVER_STOP: 2}
+    as_tuples = [(r["image_id"], r["meta"]["step"], r["meta"]["type"], r["context"], r["chosen"], r["rejected"])
+                 for r in stops]
+    assert as_tuples == [
+        # image 1, step 0: both see a dog and a frisbee, one of 4 samples stopped
+        (1, 0, CONTINUE_OVER_STOP, "", "there is a dog .", ""),
+        # image 1's final step leaves the bench, which only verifier A sees: no pair; image 2 stopped at once
+        (2, 0, CONTINUE_OVER_STOP, "", "a dog .", ""),
+        # image 3: once the bird is named nothing is left, and the even steps' dog is hallucinated
+        (3, 2, STOP_OVER_HALLUCINATED, trajectories[2]["steps"][2]["context"], "", "a dog ."),
+        (3, 4, STOP_OVER_HALLUCINATED, trajectories[2]["steps"][4]["context"], "", "a dog ."),
+    ]
+    assert all(r["meta"]["is_last_sent"] is False for r in stops)
+    assert stops[2]["meta"]["rejected_hallucinated_objects"] == ["dog"] and stops[2]["meta"]["chosen_objects"] == []
+    json.dumps(rows)

@@ -158,12 +158,14 @@ def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     sampler = SentenceSampler(model, processor, n=sampling.n, temperature=sampling.temperature,
                               max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p, seed=seed,
                               desc=f"sentinel r{k}")
+    stop_pairs = bool(method.get("stop_pairs", False))
+    all_objects = sorted(set(load_synonyms(cfg.data.vocabulary).values())) if stop_pairs else None
     try:
         trajectories = sample_contexts(sampler, items, sampling.n, sampling.max_steps, objects_of, decide,
-                                       seed=seed, batch_size=sampling.batch_size)
+                                       seed=seed, batch_size=sampling.batch_size, all_objects=all_objects)
     finally:
         sampler.close()
-    rows, stats = build_sentinel_pairs(trajectories, method.get("win", "context_coherent"))
+    rows, stats = build_sentinel_pairs(trajectories, method.get("win", "context_coherent"), stop_pairs)
     write_jsonl(out.with_name("trajectories.jsonl"), trajectories)
     if not rows:
         raise InputError(f"round {k}: SENTINEL built no pair from {len(items)} images ({stats}); a pair needs, at "

@@ -64,6 +64,9 @@ def render_turn(processor, prompt: str, assistant_text: str | None) -> str:
 
 
 def join_context(context: str, response: str) -> str:
+    """The assistant text: context + " " + response; an empty response (a stop pair's "end here") is the context."""
+    if not response.strip():
+        return context.rstrip()
     return f"{context.rstrip()} {response.lstrip()}" if context.strip() else response
 
 
@@ -120,6 +123,12 @@ def ends_answer(row: dict) -> bool:
     """Whether a pair's responses end the answer: all but SENTINEL's sentences before the last one
     (meta.is_last_sent false), which continue it."""
     return bool((row.get("meta") or {}).get("is_last_sent", True))
+
+
+def scores_end(row: dict, response: str) -> bool:
+    """Whether a segment's end-of-turn is scored: when the row's responses end the answer (ends_answer), and
+    always for an empty response, whose end-of-turn is all it says (a stop pair's "end the answer here")."""
+    return ends_answer(row) or not response.strip()
 
 
 def check_image_tokens(segments: Sequence[dict], image_token_id: int, expected: int | Sequence[int],
@@ -212,7 +221,7 @@ def example_segments(processor, row: dict, loss: str, max_length: int, images: d
     images = example_images(row, loss, images)
     context = row.get("context") or ""
     return [encode_segment(processor, images[row[image_field]], row["prompt"], context, row[response_field],
-                           max_length, score_end=ends_answer(row))
+                           max_length, score_end=scores_end(row, row[response_field]))
             for _, image_field, response_field in segment_specs(loss)]
 
 

@@ -31,6 +31,8 @@ FACTUAL, HALLUCINATED, UNCERTAIN, NO_OBJECTS = "factual", "hallucinated", "uncer
 GROW_NEW_OBJECTS, GROW_COHERENT, GROW_ANY = "factual_new_objects", "factual_coherent", "any"
 WIN_COHERENT, WIN_NEW_OBJECTS, WIN_FACTUAL = "context_coherent", "new_objects", "factual"
 WIN_RULES = (WIN_COHERENT, WIN_NEW_OBJECTS, WIN_FACTUAL)
+# Stop pairs (extension): where the answer should end.
+STOP_OVER_HALLUCINATED, CONTINUE_OVER_STOP = "stop_over_hallucinated", "continue_over_stop"
 
 # sample_fn(batch of (item, context)) -> n raw one-sentence continuations per entry.
 SampleFn = Callable[[list[tuple[Any, str]]], list[list[str]]]
@@ -220,12 +222,14 @@ class _Trajectory:
         self.item, self.rng = item, rng
         self.context, self.context_objects = "", []
         self.steps: list[dict] = []
+        self.final: dict | None = None  # the samples of the step where the model stopped (nothing appended)
         self.decisions: dict[str, tuple[bool, bool]] = {}  # verifiers are deterministic per image: ask once
         self.stopped: str | None = None
 
     def record(self) -> dict:
-        return {"item": dict(self.item), "steps": self.steps, "stopped": self.stopped or "max_steps",
-                "description": self.context}
+        return {"item": dict(self.item), "steps": self.steps, "final": self.final,
+                "stopped": self.stopped or "max_steps", "description": self.context,
+                "decisions": {o: list(d) for o, d in self.decisions.items()}}
 
 
 def _decide_new_objects(decide_fn: DecideFn, trajectories: list[_Trajectory], objects: list[list[list[str]]],
@@ -244,51 +248,63 @@ def _decide_new_objects(decide_fn: DecideFn, trajectories: list[_Trajectory], ob
             traj.decisions[o] = (bool(a), bool(b))
 
 
-def _grow(traj: _Trajectory, step: int, samples: list[str], objects: list[list[str]], n: int) -> None:
+def _step_record(traj: _Trajectory, step: int, samples: list[str], objects: list[list[str]], n: int,
+                 n_empty: int) -> dict:
+    return {"step": step, "context": traj.context, "context_objects": list(traj.context_objects), "n_samples": n,
+            "n_empty": n_empty,
+            "sentences": [judge_sentence(text, objs, traj.decisions) for text, objs in zip(samples, objects)]}
+
+
+def _grow(traj: _Trajectory, step: int, samples: list[str], objects: list[list[str]], n: int, n_empty: int
+          ) -> None:
     """Judge the step's sentences, record the step, append the chosen sentence to the context."""
-    sentences = [judge_sentence(text, objs, traj.decisions) for text, objs in zip(samples, objects)]
+    record = _step_record(traj, step, samples, objects, n, n_empty)
+    sentences = record["sentences"]
     index, rule = choose_next_sentence(sentences, traj.context_objects, traj.rng)
     appended = sentences[index]
-    traj.steps.append({"step": step, "context": traj.context, "context_objects": list(traj.context_objects),
-                       "n_samples": n, "sentences": sentences, "appended": index, "growth": rule})
+    traj.steps.append(record | {"appended": index, "growth": rule})
     traj.context = append_sentence(traj.context, appended["text"])
     traj.context_objects = list(dict.fromkeys([*traj.context_objects, *appended["objects"]]))
 
 
 def sample_contexts(sample_fn: SampleFn, items: Sequence[Mapping], n: int, max_steps: int,
                     objects_of: Callable[[str], list[str]], decide_fn: DecideFn, seed: int,
-                    batch_size: int | None = None) -> list[dict]:
+                    batch_size: int | None = None, all_objects: Sequence[str] | None = None) -> list[dict]:
     """Grow every item's description sentence by sentence; returns one trajectory per item, in item order:
-    {"item", "steps": [step record], "stopped": "finished" | "max_steps", "description": final context}.
+    {"item", "steps": [step record], "final": record of the finishing step or None, "stopped": "finished" |
+    "max_steps", "description": final context, "decisions": {object: [A present, B present]}}.
 
     Each step, for all still-active items together (chunks of batch_size):
       samples = sample_fn([(item, context), ...])[i]  (exactly n raw continuations, one sentence each);
-      is_finished(samples, n) -> the item stops (no record for that step);
-      else sentences = clean_samples(samples), objects = objects_of(sentence), each new object decided by
-      decide_fn (two verifiers), labelled (judge_sentence), and choose_next_sentence appends one to the context.
+      sentences = clean_samples(samples), objects = objects_of(sentence), each new object decided by decide_fn
+      (two verifiers), labelled (judge_sentence);
+      is_finished(samples, n) -> the item stops (its step is kept as "final", nothing appended);
+      else choose_next_sentence appends one sentence to the context.
     An item samples at most max_steps times. Items are mappings with at least "image_id" (the rng key).
-    Step record: {"step", "context", "context_objects", "n_samples", "sentences": [judge_sentence dicts],
-    "appended": index into sentences, "growth": the rule that chose it}.
+    all_objects: decided for every item before the first step (what stop_pairs needs to know what is left).
+    Step record: {"step", "context", "context_objects", "n_samples", "n_empty", "sentences": [judge_sentence
+    dicts], "appended": index into sentences, "growth": the rule that chose it} (no "appended"/"growth" in final).
     """
     trajectories = [_Trajectory(item, rng) for item, rng in zip(items, item_rngs(items, seed))]
+    if all_objects:
+        _decide_new_objects(decide_fn, trajectories, [[list(all_objects)]] * len(trajectories), batch_size)
     for step in range(max_steps):
         active = [t for t in trajectories if t.stopped is None]
         if not active:
             break
         raw = _batched(sample_fn, [(t.item, t.context) for t in active], batch_size)
-        growing, kept = [], []
-        for traj, samples in zip(active, raw):
+        for samples in raw:
             if len(samples) != n:
                 raise ValueError(f"sample_fn returned {len(samples)} samples, expected n={n}")
+        kept = [clean_samples(samples) for samples in raw]
+        objects = [[objects_of(text) for text in texts] for texts in kept]
+        _decide_new_objects(decide_fn, active, objects, batch_size)
+        for traj, samples, texts, objs in zip(active, raw, kept, objects):
             if is_finished(samples, n):
                 traj.stopped = "finished"
+                traj.final = _step_record(traj, step, texts, objs, n, count_empty(samples))
             else:
-                growing.append(traj)
-                kept.append(clean_samples(samples))
-        objects = [[objects_of(text) for text in texts] for texts in kept]
-        _decide_new_objects(decide_fn, growing, objects, batch_size)
-        for traj, texts, objs in zip(growing, kept, objects):
-            _grow(traj, step, texts, objs, n)
+                _grow(traj, step, texts, objs, n, count_empty(samples))
     return [t.record() for t in trajectories]
 
 
@@ -317,13 +333,68 @@ def pair_row(item: Mapping, step: dict, win: int, lose: int, is_last_sent: bool,
     }
 
 
-def build_sentinel_pairs(trajectories: Sequence[dict], win_rule: str = WIN_COHERENT) -> tuple[list[dict], dict]:
+def objects_left(decisions: Mapping[str, Sequence[bool]], context_objects: Iterable[str]
+                 ) -> tuple[list[str], list[str]]:
+    """(seen, maybe): objects the context does not mention that both verifiers see / that at least one sees."""
+    said = set(context_objects)
+    seen = [o for o, (a, b) in decisions.items() if a and b and o not in said]
+    maybe = [o for o, (a, b) in decisions.items() if (a or b) and o not in said]
+    return seen, maybe
+
+
+def stop_pair(step: Mapping, decisions: Mapping[str, Sequence[bool]]) -> tuple[str, int] | None:
+    """(kind, sentence index) of the step's stop pair, or None (extension, method.stop_pairs; not in SENTINEL).
+    Where the description should end is a decision the sentence pairs never teach: end-of-turn is not scored
+    after a sentence that continues the answer, so stopping is learnt only from the model's own habits.
+    - STOP_OVER_HALLUCINATED: neither verifier sees an object the context has not named, and a sample names a
+      hallucinated one: chosen = end the answer here, rejected = that sentence (the first in sample order).
+    - CONTINUE_OVER_STOP: both verifiers see an object the context has not named, some samples stopped
+      (n_empty >= 1), and a factual sample names such an object: chosen = that sentence, rejected = stop here.
+    Needs decisions about every object of the vocabulary (sample_contexts' all_objects)."""
+    seen, maybe = objects_left(decisions, step["context_objects"])
+    sentences = step["sentences"]
+    if not maybe:
+        lose = lose_indices(sentences)
+        return (STOP_OVER_HALLUCINATED, lose[0]) if lose else None
+    if seen and step.get("n_empty", 0) >= 1:
+        win = [i for i, s in enumerate(sentences) if s["label"] == FACTUAL and set(s["objects"]) & set(seen)]
+        return (CONTINUE_OVER_STOP, win[0]) if win else None
+    return None
+
+
+def stop_pair_row(item: Mapping, step: dict, kind: str, index: int) -> dict:
+    """A stop pair as a pairs.jsonl row: the empty response ("") is the end of the answer after the context
+    (halludpo.scoring scores only its end-of-turn); the sentence is scored without one (it continues)."""
+    sentence = step["sentences"][index]
+    chosen, rejected = ("", sentence) if kind == STOP_OVER_HALLUCINATED else (sentence, "")
+    chosen_text, rejected_text = (s["text"] if s else "" for s in (chosen, rejected))
+    return {
+        "image_id": item["image_id"], "image_path": item["image_path"], "prompt": item["prompt"],
+        "context": step["context"], "chosen": chosen_text, "rejected": rejected_text, "method": "sentinel",
+        "meta": {
+            "step": step["step"], "type": kind, "is_last_sent": False, "context_objects": step["context_objects"],
+            "chosen_objects": chosen["objects"] if chosen else [],
+            "rejected_objects": rejected["objects"] if rejected else [],
+            "rejected_hallucinated_objects": [o for o, v in rejected["verdicts"].items() if v == HALLUCINATED]
+            if rejected else [],
+            "labels": [s["label"] for s in step["sentences"]], "n_samples": step["n_samples"],
+            "n_empty": step.get("n_empty"), "generator_model": item.get("model"), "round": item.get("round"),
+        },
+    }
+
+
+def build_sentinel_pairs(trajectories: Sequence[dict], win_rule: str = WIN_COHERENT, stop_pairs: bool = False
+                         ) -> tuple[list[dict], dict]:
     """pairs.jsonl rows from sample_contexts trajectories, and counts. Every step contributes step_pairs;
     meta.is_last_sent = the step is the last one of a description that finished (not cut by max_steps).
-    Stats: images, steps, finished, capped, sentences per label, growth per rule, pairs, steps_with_pairs."""
+    stop_pairs: every step, the finishing one included, may also give one stop_pair (the trajectories must
+    hold decisions about every object: sample_contexts' all_objects).
+    Stats: images, steps, finished, capped, sentences per label, growth per rule, pairs, steps_with_pairs,
+    stop_pairs per kind."""
     rows: list[dict] = []
     labels: Counter = Counter()
     growth: Counter = Counter()
+    stops: Counter = Counter()
     steps_with_pairs = 0
     for traj in trajectories:
         last = len(traj["steps"]) - 1
@@ -334,10 +405,17 @@ def build_sentinel_pairs(trajectories: Sequence[dict], win_rule: str = WIN_COHER
             steps_with_pairs += bool(pairs)
             is_last = k == last and traj["stopped"] == "finished"
             rows.extend(pair_row(traj["item"], step, win, lose, is_last, win_rule) for win, lose in pairs)
+        if stop_pairs:
+            for step in [*traj["steps"], *([traj["final"]] if traj.get("final") else [])]:
+                if found := stop_pair(step, traj["decisions"]):
+                    stops[found[0]] += 1
+                    rows.append(stop_pair_row(traj["item"], step, *found))
     stats = {"images": len(trajectories), "steps": sum(len(t["steps"]) for t in trajectories),
              "finished": sum(t["stopped"] == "finished" for t in trajectories),
              "capped": sum(t["stopped"] == "max_steps" for t in trajectories),
              "sentences": {label: labels[label] for label in (FACTUAL, HALLUCINATED, UNCERTAIN, NO_OBJECTS)},
              "growth": {rule: growth[rule] for rule in (GROW_NEW_OBJECTS, GROW_COHERENT, GROW_ANY)},
              "pairs": len(rows), "steps_with_pairs": steps_with_pairs}
+    if stop_pairs:
+        stats["stop_pairs"] = {kind: stops[kind] for kind in (STOP_OVER_HALLUCINATED, CONTINUE_OVER_STOP)}
     return rows, stats
