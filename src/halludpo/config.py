@@ -24,15 +24,35 @@ class ConfigError(ValueError):
 
 
 def normalize_overrides(overrides: str | Iterable[str] | None) -> list[str]:
-    """Accept a list, a '[a=1,b=2]' string or a whitespace-separated string of Hydra overrides."""
+    """Accept a list, a '[a=1,b=2]' string or a whitespace-separated string of Hydra overrides. In the bracketed
+    form only top-level commas separate overrides, so a value may be a list: '[rounds=1,train.foo=[0.5,0.7]]'."""
     if overrides is None:
         return []
     if isinstance(overrides, str):
         text = overrides.strip()
         if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1].replace(",", " ")
+            return [o for item in split_top_level(text[1:-1]) for o in shlex.split(item)]
         return shlex.split(text)
     return [str(o) for o in overrides]
+
+
+def split_top_level(text: str, separator: str = ",") -> list[str]:
+    """text split at the separators outside brackets and quotes: 'a=1,b=[2,3]' -> ['a=1', 'b=[2,3]']."""
+    pieces, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == separator and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    return [p for p in pieces if p.strip()]
 
 
 def compose(overrides: Iterable[str] = (), config_dir: str | Path = CONFIG_DIR) -> DictConfig:

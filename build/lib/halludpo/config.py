@@ -1,0 +1,123 @@
+"""One config tree for the DAG and the stages: Hydra composition, validation, and the stage entry point.
+
+The Snakefile composes the config once at parse time with the user's overrides; every rule calls its stage as a
+Hydra app with the same overrides plus `round=<k>`, so the DAG and the stages always see the same values.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(os.environ.get("HALLUDPO_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
+
+
+class ConfigError(ValueError):
+    """The composed config is invalid: an unknown key or group, a wrong type, a missing value."""
+
+
+def normalize_overrides(overrides: str | Iterable[str] | None) -> list[str]:
+    """Accept a list, a '[a=1,b=2]' string or a whitespace-separated string of Hydra overrides."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        text = overrides.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1].replace(",", " ")
+        return shlex.split(text)
+    return [str(o) for o in overrides]
+
+
+def compose(overrides: Iterable[str] = (), config_dir: str | Path = CONFIG_DIR) -> DictConfig:
+    """Compose configs/config.yaml with overrides; any Hydra error becomes one ConfigError line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except Exception as err:  # Hydra raises several types; users need the message, not the class
+        raise ConfigError(f"invalid config (overrides {overrides}): {err}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+REQUIRED_GROUPS = ("paths", "data", "model", "method", "train", "eval", "tracking")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks Hydra cannot do: every group present, values resolvable, known model family, sane numbers."""
+    from halludpo.families import check_family
+
+    missing = [g for g in REQUIRED_GROUPS if g not in cfg]
+    if missing:
+        raise ConfigError(f"config group(s) missing: {missing}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as err:
+        raise ConfigError(f"config value cannot be resolved: {err}") from None
+    try:
+        check_family(cfg.model.family)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.rounds < 0:
+        raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
+    if not 0 <= cfg.round <= cfg.rounds:
+        raise ConfigError(f"round must be in [0, rounds={cfg.rounds}], got {cfg.round}")
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form (MLflow params are strings)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
+    """Wrap `run(cfg)` as the stage's Hydra app: `python -m halludpo.<stage> round=1 key=value ...`.
+
+    Hydra parses the command line; version_base 1.3 keeps the working directory (outputs are relative paths).
+    Errors a user can fix (bad input, bad config) print one line and exit 1 instead of a traceback.
+    """
+    import hydra
+
+    from halludpo.io import InputError
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    @functools.wraps(run)
+    def main(cfg: DictConfig) -> None:
+        setup_logging()
+        try:
+            validate(cfg)
+            run(cfg)
+        except (ConfigError, InputError, FileNotFoundError, ValueError) as err:
+            logging.getLogger(run.__module__).error("%s", err)
+            sys.exit(1)
+
+    return main

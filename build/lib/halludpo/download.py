@@ -1,0 +1,349 @@
+"""Stage `download` (rule download): public datasets by URL and checksum, resumable, through pooch.
+
+    python -m halludpo.download download.names=[coco2014_val]           # an entry or a bundle of configs/download/
+    python -m halludpo.download download.names=[pope_coco] download.offline=true download.root=/data/public
+
+An entry is {name, url, sha256, filename, extract}: `sha256` is a hex SHA256 or pooch's `alg:hex` form
+("md5:..."); `filename` is relative to the root; `extract` is null, zip or tar (unpacked beside the archive).
+Every entry needs a real checksum: null is an error, and "TO-VERIFY" (a file whose checksum no public source
+gives) is refused with a message that says how to fill it in.
+
+Online, pooch fetches the file (an existing file whose checksum matches is not downloaded again). Its plain
+HTTP downloader restarts a cut transfer from zero, so this module's downloader keeps the bytes in
+`<filename>.part` and asks for the rest with an HTTP Range request on the next try. Offline
+(`download.offline=true`), the files must already be under the root: they are checked, never downloaded.
+A checksum mismatch names the file and both hashes; a bad download is deleted (a user's own file never is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePosixPath
+
+import pooch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from halludpo.config import stage_main, to_plain
+from halludpo.io import write_json
+
+log = logging.getLogger(__name__)
+
+UNVERIFIED = "TO-VERIFY"
+ENTRY_KEYS = ("name", "url", "sha256", "filename", "extract")
+EXTRACTORS = {"zip": pooch.Unzip, "tar": pooch.Untar}
+HASH_FORM = re.compile(r"^(?:(?P<alg>[a-z0-9]+):)?(?P<hex>[0-9a-fA-F]+)$")
+
+
+class EntryError(ValueError):
+    """A download entry cannot be used as written: a missing key, no checksum, an unknown extract kind."""
+
+
+class ChecksumError(ValueError):
+    """A file's checksum differs from the one in the config."""
+
+
+class DownloadError(OSError):
+    """The server refused the file (HTTP error) or answered something that cannot be resumed."""
+
+
+class DownloadInterrupted(DownloadError):
+    """The transfer stopped early; the bytes received are kept for the next try."""
+
+
+# ---------------------------------------------------------------- entries
+
+
+def check_entry(entry: Mapping) -> dict:
+    """The entry as a plain dict, or EntryError saying what to fix (a missing or unverified checksum first)."""
+    entry = dict(entry)
+    name = entry.get("name", "?")
+    missing = [k for k in ENTRY_KEYS if k not in entry]
+    if missing:
+        raise EntryError(f"download entry {name!r}: missing key(s) {missing}")
+    check_hash(name, entry["sha256"], entry["url"])
+    if entry["extract"] not in (None, *EXTRACTORS):
+        raise EntryError(f"download entry {name!r}: extract must be null, zip or tar, got {entry['extract']!r}")
+    filename = PurePosixPath(str(entry["filename"]))
+    if filename.is_absolute() or ".." in filename.parts or not filename.parts:
+        raise EntryError(f"download entry {name!r}: filename must be a relative path under the root, "
+                         f"got {entry['filename']!r}")
+    return entry
+
+
+def check_hash(name: str, known_hash: str | None, url: str) -> None:
+    """Refuse a null or TO-VERIFY checksum, and one that is not hex of the right length for its algorithm."""
+    if known_hash is None:
+        raise EntryError(f"download entry {name!r} has no checksum (sha256: null): every download needs one")
+    if str(known_hash).strip().upper() == UNVERIFIED:
+        raise EntryError(
+            f"download entry {name!r} has checksum {UNVERIFIED}: no public source gives it. Download {url} once "
+            f"yourself, check the file, then set download.entries.{name}.sha256 to the output of `sha256sum` "
+            f"(in configs/download/default.yaml or as an override)")
+    match = HASH_FORM.match(str(known_hash))
+    alg = (match.group("alg") or "sha256") if match else None
+    if not match or alg not in hashlib.algorithms_guaranteed:
+        raise EntryError(f"download entry {name!r}: checksum {known_hash!r} is not '<sha256 hex>' or 'alg:<hex>'")
+    if len(match.group("hex")) != 2 * hashlib.new(alg).digest_size:
+        raise EntryError(f"download entry {name!r}: {alg} checksum {known_hash!r} has the wrong length")
+
+
+def select_entries(entries: Mapping[str, Mapping], bundles: Mapping[str, Iterable[str]],
+                   names: Iterable[str] = ()) -> list[dict]:
+    """Entries by name, a bundle name standing for its entries; no names = every entry. Each gets its `name`."""
+    names = list(names) or list(entries)
+    chosen: list[str] = []
+    for name in names:
+        if name in bundles:
+            members = list(bundles[name])
+        elif name in entries:
+            members = [name]
+        else:
+            raise EntryError(f"unknown download {name!r}; entries: {sorted(entries)}, bundles: {sorted(bundles)}")
+        unknown = [m for m in members if m not in entries]
+        if unknown:
+            raise EntryError(f"download bundle {name!r} lists unknown entries {unknown}")
+        chosen += [m for m in members if m not in chosen]
+    return [{"name": n, **entries[n]} for n in chosen]
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def hash_parts(known_hash: str) -> tuple[str, str]:
+    """('sha256', hex) from 'hex' or 'alg:hex'."""
+    alg, _, digest = str(known_hash).rpartition(":")
+    return (alg or "sha256").lower(), digest.lower()
+
+
+def verify(path: str | os.PathLike, known_hash: str, name: str, delete_on_mismatch: bool = False) -> Path:
+    """Check a file's checksum (pooch.file_hash); a mismatch raises ChecksumError naming file and both hashes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: {path} not found")
+    alg, expected = hash_parts(known_hash)
+    actual = pooch.file_hash(str(path), alg=alg)
+    if actual != expected:
+        if delete_on_mismatch:
+            path.unlink(missing_ok=True)
+        fate = "deleted it" if delete_on_mismatch else "left it untouched"
+        raise ChecksumError(f"{name}: {alg} checksum of {path} does not match: expected {expected}, got {actual} "
+                            f"({fate}; the file is corrupt or the configured checksum is outdated)")
+    return path
+
+
+def partial_path(target: Path) -> Path:
+    """Where the bytes of an unfinished download of `target` are kept between tries."""
+    return target.with_name(target.name + ".part")
+
+
+# ---------------------------------------------------------------- resumable transfer
+
+
+class ResumableHTTPDownloader(pooch.HTTPDownloader):
+    """pooch's HTTP downloader, made resumable with HTTP Range requests on a kept partial file.
+
+    pooch streams into a temporary file that it deletes on any failure. This downloader appends to `partial`
+    instead (asking the server only for the missing bytes), checks the finished file's checksum, and only then
+    moves it onto pooch's temporary file, which pooch checks again and renames into place. A checksum mismatch
+    deletes the partial file, so a bad download leaves nothing behind.
+    """
+
+    def __init__(self, partial: Path, known_hash: str, name: str, progressbar: bool = True,
+                 chunk_size: int = 1 << 20, timeout: float = 60):
+        super().__init__(progressbar=progressbar, chunk_size=chunk_size, timeout=timeout)
+        self.partial = Path(partial)
+        self.known_hash = known_hash
+        self.name = name
+        self.transfers = 0
+
+    def __call__(self, url, output_file, pooch_instance, check_only=False):
+        if check_only:
+            return super().__call__(url, output_file, pooch_instance, check_only=True)
+        self.transfers += 1
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.fetch_rest(url)
+        verify(self.partial, self.known_hash, self.name, delete_on_mismatch=True)
+        os.replace(self.partial, output_file)
+        return None
+
+    def fetch_rest(self, url: str, restarted: bool = False) -> None:
+        """Append the bytes after those already in `partial`; the server may resend all (200) or none (416)."""
+        import requests
+        import urllib3
+
+        offset = self.partial.stat().st_size if self.partial.exists() else 0
+        headers = {"Accept-Encoding": "identity"}  # byte offsets must count the bytes on disk, not gzip's
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=self.kwargs["timeout"]) as response:
+                if response.status_code == 416 and not restarted:
+                    self.restart_after_416(url, response, offset)
+                    return
+                if response.status_code >= 400:  # 429 and 5xx may pass: retried; others are final
+                    transient = response.status_code == 429 or response.status_code >= 500
+                    error = DownloadInterrupted if transient else DownloadError
+                    raise error(f"{self.name}: {url} answered HTTP {response.status_code}")
+                self.write_body(response, offset)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
+            have = self.partial.stat().st_size if self.partial.exists() else 0
+            kept = f"{have} bytes kept in {self.partial}, run again to resume" if have else "nothing received"
+            raise DownloadInterrupted(f"{self.name}: transfer from {url} failed ({err}); {kept}") from err
+
+    def restart_after_416(self, url: str, response, offset: int) -> None:
+        """Range not satisfiable: the partial file is already whole (then keep it) or longer than the file."""
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit() and int(total) == offset:
+            return
+        log.warning("%s: the kept partial file does not fit %s; starting over", self.name, url)
+        self.partial.unlink(missing_ok=True)
+        self.fetch_rest(url, restarted=True)
+
+    def write_body(self, response, offset: int) -> None:
+        """Stream the body into `partial`: appended after a 206 that starts at `offset`, else from byte 0."""
+        resumed = response.status_code == 206
+        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            raise DownloadError(f"{self.name}: server answered range {response.headers.get('Content-Range')!r} "
+                                f"to a request for bytes {offset}-")
+        if offset and not resumed:
+            log.info("%s: the server ignored the Range request; downloading from the start", self.name)
+            offset = 0
+        length = response.headers.get("Content-Length")
+        expected = offset + int(length) if length and length.isdigit() else None
+        with open(self.partial, "ab" if resumed else "wb") as out, \
+                tqdm(total=expected, initial=offset, unit="B", unit_scale=True, desc=self.name,
+                     disable=not self.progressbar, leave=True) as bar:
+            # read1: whatever has arrived, so a cut transfer keeps every byte it received (iter_content would
+            # drop the last unfilled chunk); raw bytes, so offsets count what is on disk
+            while chunk := response.raw.read1(self.chunk_size, decode_content=False):
+                out.write(chunk)
+                bar.update(len(chunk))
+        have = self.partial.stat().st_size
+        if expected is not None and have != expected:
+            raise DownloadInterrupted(f"{self.name}: got {have} of {expected} bytes; kept in {self.partial}, "
+                                      "run again to resume")
+
+
+# ---------------------------------------------------------------- fetch
+
+
+def download(entry: dict, target: Path, progress: bool) -> bool:
+    """pooch.retrieve with the resumable downloader; True if bytes were transferred (False: the file was there)."""
+    downloader = ResumableHTTPDownloader(partial_path(target), entry["sha256"], entry["name"], progressbar=progress)
+    pooch.retrieve(entry["url"], known_hash=entry["sha256"], fname=target.name, path=target.parent,
+                   downloader=downloader)
+    return downloader.transfers > 0
+
+
+def download_with_retries(entry: dict, target: Path, progress: bool, retries: int) -> bool:
+    """Retry a cut transfer (each try resumes where the last stopped); HTTP and checksum errors are final."""
+    for attempt in range(retries + 1):
+        try:
+            return download(entry, target, progress)
+        except DownloadInterrupted as err:
+            if attempt == retries:
+                raise
+            wait = min(2 ** attempt, 30)
+            log.warning("%s; retrying in %d s (%d of %d)", err, wait, attempt + 1, retries)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def archive_members(archive: Path, kind: str) -> list[tuple[str, int]]:
+    """(name, size) of every regular file in a zip or tar archive."""
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            return [(i.filename, i.file_size) for i in zf.infolist() if not i.is_dir()]
+    with tarfile.open(archive) as tf:
+        return [(m.name, m.size) for m in tf.getmembers() if m.isfile()]
+
+
+def is_extracted(archive: Path, kind: str) -> bool:
+    """Every file of the archive is beside it with its full size (a cut extraction leaves a short file)."""
+    dest = archive.parent
+    return all((dest / n).is_file() and (dest / n).stat().st_size == size for n, size in archive_members(archive, kind))
+
+
+def extract(entry: dict, archive: Path, fresh: bool) -> Path:
+    """Unpack the archive beside itself with pooch.Unzip/Untar, unless it already is; return that folder."""
+    if fresh or not is_extracted(archive, entry["extract"]):
+        log.info("%s: extracting %s", entry["name"], archive)
+        EXTRACTORS[entry["extract"]](extract_dir=".")(str(archive), "download", None)
+    return archive.parent
+
+
+def fetch(entry: Mapping, root: str | os.PathLike, progress: bool = True, offline: bool = False,
+          retries: int = 0) -> Path:
+    """Download (or, offline, only check) one entry under `root`; returns the file, or for an archive the folder
+    it was unpacked in. Online, a file already there with the right checksum is not downloaded again."""
+    entry = check_entry(entry)
+    target = Path(root) / entry["filename"]
+    if offline:
+        if not target.is_file():
+            raise FileNotFoundError(f"{entry['name']}: offline, and {target} is not there; put the file from "
+                                    f"{entry['url']} there, or run without download.offline=true")
+        verify(target, entry["sha256"], entry["name"])
+        fresh = False
+    else:
+        fresh = download_with_retries(entry, target, progress, retries)
+    return extract(entry, target, fresh) if entry["extract"] else target
+
+
+def fetch_all(entries: Iterable[Mapping], root: str | os.PathLike, progress: bool = True, offline: bool = False,
+              retries: int = 0) -> dict[str, Path]:
+    """fetch() each entry; all entries are checked first, so an unverified checksum stops the run before any
+    download starts."""
+    entries = [check_entry(e) for e in entries]
+    return {e["name"]: fetch(e, root, progress=progress, offline=offline, retries=retries) for e in entries}
+
+
+# ---------------------------------------------------------------- stage
+
+
+def marker_path(done_dir: str | os.PathLike, name: str) -> Path:
+    """The small JSON file that says an entry is fetched and checked (the rule's output)."""
+    return Path(done_dir) / f"{name}.json"
+
+
+def marker_paths(download_cfg: DictConfig, names: Iterable[str]) -> list[str]:
+    """The markers of entries or bundles (e.g. "coco2014_val"): what a rule that reads real data takes as input."""
+    chosen = select_entries(to_plain(download_cfg.entries), to_plain(download_cfg.bundles), names)
+    return [str(marker_path(download_cfg.done_dir, e["name"])) for e in chosen]
+
+
+def requested_names(names) -> list[str]:
+    """download.names as a list: `download.names=[a,b]`, or one name given as `download.names=a`."""
+    if not names:
+        return []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def run(cfg: DictConfig) -> None:
+    """Fetch cfg.download.names (entries or bundles; none = all) and write one marker per entry."""
+    dl = cfg.download
+    entries = select_entries(to_plain(dl.entries), to_plain(dl.bundles), requested_names(dl.names))
+    try:
+        fetched = fetch_all(entries, dl.root, progress=dl.progress, offline=dl.offline, retries=dl.retries)
+    except DownloadError as err:
+        log.error("%s", err)
+        sys.exit(1)
+    for entry in entries:
+        path = fetched[entry["name"]]
+        write_json(marker_path(dl.done_dir, entry["name"]),
+                   {**entry, "path": str(path), "offline": bool(dl.offline)})
+        log.info("%s: %s", entry["name"], path)
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

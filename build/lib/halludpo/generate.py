@@ -1,0 +1,103 @@
+"""Stage `generate` (rule generate): model_k describes a set of images -> generations.jsonl.
+
+    python -m halludpo.generate round=0 split=eval     # the CHAIR descriptions of round 0's model
+
+Each row: {image_id, image_path, prompt, response, model, round, sampling} (DESIGN.md contract).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from halludpo import paths
+from halludpo.config import stage_main, to_plain
+from halludpo.inference import decoding_kwargs, generate_texts
+from halludpo.io import InputError, read_json, write_jsonl
+from halludpo.models import load_model_and_processor
+
+log = logging.getLogger(__name__)
+
+
+def select_images(instances_path: str | Path, n_images: int | None, seed: int,
+                  image_ids_file: str | Path | None = None) -> list[dict]:
+    """The images to describe: a fixed id list when given, else a seeded sample of n (all when n is None)."""
+    images = read_json(instances_path)["images"]
+    if image_ids_file:
+        wanted = read_json(image_ids_file)
+        by_id = {im["id"]: im for im in images}
+        unknown = [i for i in wanted if i not in by_id]
+        if unknown:
+            raise InputError(f"{image_ids_file}: image id(s) {unknown[:5]} not in {instances_path}")
+        return [by_id[i] for i in wanted]
+    images = sorted(images, key=lambda im: im["id"])
+    if n_images is None or n_images >= len(images):
+        if n_images is not None and n_images > len(images):
+            raise InputError(f"{instances_path}: {len(images)} images, fewer than the {n_images} asked for")
+        return images
+    return sorted(random.Random(seed).sample(images, n_images), key=lambda im: im["id"])
+
+
+IMAGE_PROMPTS = "image"  # method.generation.prompts: each image's own prompt (images[].prompt of the instances)
+
+
+def image_prompt(image: dict) -> str:
+    if not isinstance(image.get("prompt"), str) or not image["prompt"].strip():
+        raise InputError(f"image {image.get('id')} ({image.get('file_name')}): no `prompt` in the instances file, "
+                         f"which method.generation.prompts={IMAGE_PROMPTS!r} needs; give a prompt list instead")
+    return image["prompt"]
+
+
+def describe_images(model, processor, images: list[dict], images_dir: str | Path, prompts: str | list[str],
+                    generation: dict, max_new_tokens: int, batch_size: int, seed: int, model_name: str,
+                    round_k: int) -> list[dict]:
+    """One description per image; with a list of prompts, each image gets one drawn with the seed; with
+    prompts == IMAGE_PROMPTS, each image's own `prompt` field of the instances file (COCO: detail-23k's)."""
+    paths_ = [str(Path(images_dir) / im["file_name"]) for im in images]
+    if prompts == IMAGE_PROMPTS:
+        per_image = [image_prompt(im) for im in images]
+    else:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        rng = random.Random(seed)
+        per_image = [prompts[0] if len(prompts) == 1 else rng.choice(prompts) for _ in images]
+    kwargs = decoding_kwargs(generation, max_new_tokens)
+    responses = generate_texts(model, processor, paths_, per_image, kwargs, batch_size, seed,
+                               desc=f"describe r{round_k}")
+    sampling = kwargs | {"seed": seed}
+    return [{"image_id": im["id"], "image_path": p, "prompt": prompt, "response": r, "model": model_name,
+             "round": round_k, "sampling": sampling} for im, p, prompt, r in zip(images, paths_, per_image, responses)]
+
+
+def run(cfg: DictConfig) -> None:
+    k = cfg.round
+    model_path = paths.model_dir(cfg, k)
+    if cfg.split == "eval":  # the CHAIR descriptions
+        chair = cfg.eval.chair
+        images = select_images(cfg.data.eval_instances, chair.n_images, cfg.eval.seed, chair.image_ids_file)
+        images_dir, prompts, generation = cfg.data.eval_images, chair.prompt, to_plain(cfg.eval.generation)
+        max_new_tokens, batch_size, seed = chair.max_new_tokens, cfg.eval.batch_size, cfg.eval.seed
+        out = paths.eval_generations(cfg, k)
+    elif cfg.split == "gen":  # round k's raw material for preference pairs, on the unlabelled images
+        gen = cfg.method.generation
+        seed = cfg.seed + 1000 * k  # new samples every round when sampling
+        images = select_images(cfg.data.gen_instances, gen.n_images, seed)
+        prompts = gen.prompts if isinstance(gen.prompts, str) else list(gen.prompts)
+        images_dir, generation = cfg.data.gen_images, to_plain(gen.decoding)
+        max_new_tokens, batch_size = gen.max_new_tokens, gen.batch_size
+        out = paths.gen_generations(cfg, k)
+    else:
+        raise ValueError(f"split={cfg.split!r}; valid: eval, gen")
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
+    rows = describe_images(model, processor, images, images_dir, prompts, generation, max_new_tokens, batch_size,
+                           seed, str(model_path), k)
+    write_jsonl(out, rows)
+    log.info("%d descriptions -> %s", len(rows), out)
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hallucination metrics: CHAIR, POPE and the text pipelines they use."""

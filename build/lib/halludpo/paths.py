@@ -1,0 +1,138 @@
+"""File names of every stage output, derived from the config; the Snakefile and the stages both use these."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on the Hugging Face hub
+
+
+def data_done(cfg: DictConfig) -> Path:
+    """The marker the data stage writes last: its presence means every split is complete (toy: rule render;
+    real data: rule prepare)."""
+    return Path(cfg.paths.data_dir) / ("world.json" if cfg.data.kind == "toy" else "prepared.json")
+
+
+def base_model_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.model.path)
+
+
+def round_dir(cfg: DictConfig, k: int) -> Path:
+    return Path(cfg.paths.experiment_dir) / f"round_{k}"
+
+
+def model_dir(cfg: DictConfig, k: int) -> Path:
+    """model_0 is the base model; model_k (k >= 1) is round k-1's merged model."""
+    return base_model_dir(cfg) if k == 0 else round_dir(cfg, k - 1) / "merged"
+
+
+def is_hub_id(path: str | Path) -> bool:
+    """model.path names a hub repository ("llava-hf/llava-1.5-7b-hf"), not a folder on this machine: no folder of
+    that name exists, it does not start like a path ('/', '.', '~') and it has the hub's owner/name form."""
+    text = str(path)
+    return not Path(text).expanduser().exists() and not text.startswith(("/", ".", "~")) and bool(HUB_ID.match(text))
+
+
+def model_marker(cfg: DictConfig, k: int) -> Path | None:
+    """A file whose existence means model_k is fully saved (Snakemake tracks files, not folders).
+
+    None for a model_0 that is a hub id (real families start from their released weights, loaded through the
+    Hugging Face cache): there is no file for Snakemake to track and no rule builds it. The toy family's model_0
+    is pretrained by rule pretrain_base; a real family's model_0 in a local folder is tracked by its config.json.
+    """
+    if k == 0 and cfg.model.family != "toy" and is_hub_id(cfg.model.path):
+        return None
+    return model_dir(cfg, k) / "config.json"
+
+
+def generations(cfg: DictConfig, k: int, split: str) -> Path:
+    """model_k's descriptions: split 'eval' for CHAIR, 'gen' (unlabelled images) for preference pairs."""
+    return round_dir(cfg, k) / "generate" / f"{split}.jsonl"
+
+
+def eval_generations(cfg: DictConfig, k: int) -> Path:
+    return generations(cfg, k, "eval")
+
+
+def chair_json(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "chair.json"
+
+
+def pope_json(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "pope.json"
+
+
+def pope_questions(cfg: DictConfig, split: str) -> Path:
+    return Path(cfg.paths.data_dir) / "pope" / f"{split}.jsonl"
+
+
+def chair_image_ids(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.data_dir) / "chair_image_ids.json"
+
+
+def summary_json(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.experiment_dir) / "summary.json"
+
+
+def logs_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.experiment_dir) / "logs"
+
+
+def gen_generations(cfg: DictConfig, k: int) -> Path:
+    """model_k's descriptions of the unlabelled images: the raw material of round k's preference pairs."""
+    return generations(cfg, k, "gen")
+
+
+def pairs_jsonl(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "pairs" / "pairs.jsonl"
+
+
+def ref_logps_jsonl(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "pairs" / "ref_logps.jsonl"
+
+
+def train_dir(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "train"
+
+
+def rounds_plot(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.experiment_dir) / "rounds.png"
+
+
+def contrast_jsonl(cfg: DictConfig, k: int) -> Path:
+    """pairs.jsonl rows + contrast_image_path (and chosen_contrast for kind=neighbour): rule contrast."""
+    return round_dir(cfg, k) / "pairs" / "contrast.jsonl"
+
+
+def contrast_images_dir(cfg: DictConfig, k: int) -> Path:
+    """The stored contrast images of the image-transform kinds (corrupt, black, noise), one file per example."""
+    return round_dir(cfg, k) / "pairs" / "contrast_images"
+
+
+def embeddings_file(cfg: DictConfig, k: int) -> Path:
+    """model_k's pooled image features of round k's pair images (kind=neighbour), rule contrast_embeddings."""
+    return round_dir(cfg, k) / "pairs" / "embeddings.safetensors"
+
+
+def scored_pairs_jsonl(cfg: DictConfig, k: int) -> Path:
+    """The pairs the reference and the trainer score: contrast.jsonl with a contrast kind, else pairs.jsonl."""
+    return pairs_jsonl(cfg, k) if cfg.contrast.kind == "none" else contrast_jsonl(cfg, k)
+
+
+def verifiers_dir(cfg: DictConfig) -> Path:
+    """SENTINEL's learned object verifiers, one sub-folder per kind; trained once per data set (rule
+    train_verifiers), shared by experiments like the base model."""
+    return Path(cfg.paths.models_dir) / f"verifiers_{cfg.data.name}"
+
+
+def verifiers_marker(cfg: DictConfig) -> Path:
+    """Written last by rule train_verifiers (kinds + held-out presence scores): its presence means all are saved."""
+    return verifiers_dir(cfg) / "verifiers.json"
+
+
+def method_pairs_jsonl(cfg: DictConfig, k: int, method: str) -> Path:
+    """One method's pairs when a mixed method (apasi_sentinel) concatenates several into pairs_jsonl."""
+    return round_dir(cfg, k) / "pairs" / method / "pairs.jsonl"

@@ -1,0 +1,145 @@
+"""Stage `report` (rule summarize): summary.json over every evaluated model, and the MLflow runs.
+
+    python -m halludpo.report
+
+summary.json: {"experiment", "rounds": [{"round", "model", "chair": {chair_s, chair_i, recall, len},
+"pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}}]}; fractions in 0-1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from halludpo import paths
+from halludpo.config import flatten, stage_main, to_plain
+from halludpo.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from halludpo.tracking import log_experiment, tracking_uri
+
+log = logging.getLogger(__name__)
+
+CHAIR_KEYS = ("chair_s", "chair_i", "recall", "len")
+POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def summary_row(k: int, model: str, chair_path: str | Path, pope_path: str | Path) -> dict:
+    chair, pope = read_json(chair_path), read_json(pope_path)
+    return {
+        "round": k,
+        "model": model,
+        "chair": {key: chair["metrics"][key] for key in CHAIR_KEYS},
+        "pope": {split: {key: m[key] for key in POPE_KEYS} for split, m in pope["metrics"].items()},
+        "chair_by_sentence": chair["metrics"].get("by_sentence", []),
+        "text_pipeline": chair["protocol"]["text_pipeline"],
+        "n_images": {"chair": chair["protocol"]["n_images"], "pope": len(pope["protocol"]["image_ids"])},
+    }
+
+
+def training_curve(train_log: Path) -> list[dict]:
+    """The round's Trainer log history: [{"step", "loss", "rewards/accuracies", ...}] (empty if not trained)."""
+    if not train_log.is_file():
+        return []
+    return [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in read_jsonl(train_log)]
+
+
+def plot_rounds(summary: dict, out: Path) -> None:
+    """CHAIR_s, CHAIR_i, recall and POPE F1 (per split) against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in summary["rounds"]]
+    fig, (ax_chair, ax_pope) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall")):
+        ax_chair.plot(rounds, [r["chair"][key] for r in summary["rounds"]], marker="o", label=label)
+    for split in summary["rounds"][0]["pope"]:
+        ax_pope.plot(rounds, [r["pope"][split]["f1"] for r in summary["rounds"]], marker="o", label=f"{split} F1")
+    for ax, title in ((ax_chair, "CHAIR (lower is better) and recall"), (ax_pope, "POPE F1")):
+        ax.set_xlabel("round (model_k)")
+        ax.set_xticks(rounds)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(title)
+    fig.suptitle(summary["experiment"])
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def build_summary(experiment: str, rows: list[dict]) -> dict:
+    return {"experiment": experiment, "rounds": sorted(rows, key=lambda r: r["round"])}
+
+
+def markdown_table(summary: dict) -> str:
+    splits = list(summary["rounds"][0]["pope"]) if summary["rounds"] else []
+    head = ["round", "CHAIR_s", "CHAIR_i", "recall", "len"] + [f"POPE {s} F1" for s in splits]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rounds"]:
+        c = r["chair"]
+        cells = [str(r["round"]), f"{c['chair_s']:.3f}", f"{c['chair_i']:.3f}", f"{c['recall']:.3f}",
+                 f"{c['len']:.1f}"] + [f"{r['pope'][s]['f1']:.3f}" for s in splits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def by_sentence_table(summary: dict) -> str:
+    """CHAIR_i per sentence position and round, as 'CHAIR_i (hallucinated/mentions)' cells: shows whether a round
+    removed hallucinations where they start or only cut the descriptions' tails."""
+    rounds = [r for r in summary["rounds"] if r.get("chair_by_sentence")]
+    if not rounds:
+        return ""
+    positions = max(len(r["chair_by_sentence"]) for r in rounds)
+    head = ["round"] + [f"sentence {i + 1}" for i in range(positions)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rounds:
+        cells = [f"{s['chair_i']:.3f} ({s['hallucinated']}/{s['mentions']})" for s in r["chair_by_sentence"]]
+        lines.append("| " + " | ".join([str(r["round"])] + cells + [""] * (positions - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def track(cfg: DictConfig, summary: dict, curves: dict[int, list[dict]] | None = None) -> dict | None:
+    """Log to MLflow; on failure say so and return None (summary.json stays the truth)."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    artifacts = {r["round"]: [paths.chair_json(cfg, r["round"]), paths.pope_json(cfg, r["round"])]
+                 for r in summary["rounds"]}
+    try:
+        return log_experiment(uri, cfg.experiment_name, cfg.tracking.artifact_location, flatten(to_plain(cfg)),
+                              summary["rounds"], artifacts, curves, plot=paths.rounds_plot(cfg))
+    except Exception as err:  # noqa: BLE001 - any tracking failure must not fail the pipeline
+        log.warning("MLflow tracking at %s failed (%s: %s); results are in %s", uri, type(err).__name__, err,
+                    paths.summary_json(cfg))
+        return None
+
+
+def run(cfg: DictConfig) -> None:
+    rows = [summary_row(k, str(paths.model_dir(cfg, k)), paths.chair_json(cfg, k), paths.pope_json(cfg, k))
+            for k in range(cfg.rounds + 1)]
+    curves = {k: training_curve(paths.train_dir(cfg, k) / "train_log.jsonl") for k in range(cfg.rounds)}
+    for row in rows[:-1]:
+        stats_file = paths.train_dir(cfg, row["round"]) / "train_stats.json"
+        if stats_file.is_file():
+            row["train"] = read_json(stats_file)
+    summary = build_summary(cfg.experiment_name, rows)
+    out = paths.summary_json(cfg)
+    write_json(out, summary)
+    by_sentence = by_sentence_table(summary)
+    write_text(out.parent / "summary.md", markdown_table(summary)
+               + (f"\nCHAIR_i by sentence position (hallucinated / mentions):\n\n{by_sentence}" if by_sentence else ""))
+    plot_rounds(summary, paths.rounds_plot(cfg))
+    ids = track(cfg, summary, curves)
+    if ids:
+        write_json(out.parent / "mlflow_runs.json", ids)
+    log.info("summary -> %s\n%s", out, markdown_table(summary))
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()
