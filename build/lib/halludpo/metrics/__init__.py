@@ -1,1 +1,0 @@
-"""Hallucination metrics: CHAIR, POPE and the text pipelines they use."""
