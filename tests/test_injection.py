@@ -20,6 +20,7 @@ from halludpo.injection import (
     injection_context,
     n_to_replace,
     object_statistics,
+    object_swap,
     position_weights,
     realize,
     select_sentences,
@@ -455,3 +456,80 @@ def test_verify_correct_pairs_the_models_own_hallucination_with_its_correction()
     rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.4, 1, "insert",
                                     TOY_TEMPLATES, seed=0, verdicts=everything_wrong, verify_correct=True)
     assert stats["correction_pairs"] == 0 and all(r["meta"].get("kind") != "correction" for r in rows)
+
+
+def test_verify_correct_as_sentence_pairs_one_sentence_in_its_faithful_context():
+    gens = _generations()[:1]  # RESPONSE: dog, frisbee (sentence 2), bench, bird (sentence 4)
+    sentences = split_sentences(RESPONSE)
+    both_absent = {"frisbee", "bird", "cup", "bowl", "fork", "knife", "spoon"}  # seen by both: dog, bench, kite
+    rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.0, 1, "insert",
+                                    TOY_TEMPLATES, seed=0, verdicts=_verdicts(gens, set(), both_absent),
+                                    verify_correct=True, correct_as="sentence")
+    # rate 0: no injection pair; kite replaces the frisbee sentence; the bird sentence has nothing left to name
+    # (dropped), which gives no pair: a sentence pair never teaches where to stop
+    (row,) = rows
+    assert stats["correction_pairs"] == 1 and stats["pairs"] == 1 and stats["skipped_rate"] == 1
+    assert row["context"] == "".join(sentences[:2]).strip() and row["rejected"] == sentences[2].strip()
+    assert "kite" in toy_objects_of(row["chosen"]) and split_sentences(row["chosen"]) == [row["chosen"]]
+    assert row["meta"]["is_last_sent"] is False and row["meta"]["removed_objects"] == ["frisbee"]
+    # two seen objects missed: both hallucinated sentences are replaced; the second pair's context carries the
+    # first correction, never the hallucination
+    one_more = _verdicts(gens, set(), both_absent - {"cup"})
+    rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.0, 1, "insert",
+                                    TOY_TEMPLATES, seed=0, verdicts=one_more, verify_correct=True,
+                                    correct_as="sentence")
+    first, second = rows
+    assert stats["correction_pairs"] == 2 and second["rejected"] == sentences[4].strip()
+    assert first["chosen"] in second["context"] and "frisbee" not in second["context"]
+    with pytest.raises(ValueError, match="correct_as"):
+        build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.0, 1, "insert", TOY_TEMPLATES,
+                          seed=0, verdicts=one_more, verify_correct=True, correct_as="sentences")
+    # form "object": the same pairs cut after the object, differing in it alone
+    rows, _ = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.0, 1, "insert",
+                                TOY_TEMPLATES, seed=0, verdicts=one_more, verify_correct=True, correct_as="object")
+    assert [(r["rejected"], r["meta"]["form"]) for r in rows] == [("i can see a frisbee", "object"),
+                                                                  ("there is a bird", "object")]
+    assert sorted(r["meta"]["faithful_objects"][0] for r in rows) == ["cup", "kite"]
+    assert all(r["chosen"].rsplit(" ", 1)[0] == r["rejected"].rsplit(" ", 1)[0] for r in rows)
+    assert [r["context"] for r in rows] == [first["context"], second["context"]]
+
+
+@pytest.mark.parametrize("sentence, old, new, expected", [
+    ("there is a large knife at the bottom right .", "knife", "bowl", ("there is a knife", "there is a bowl")),
+    ("i can see a red knife .", "knife", "cup", ("i can see a knife", "i can see a cup")),
+    ("a knife is on the right .", "knife", "bowl", ("a knife", "a bowl")),
+    ("at the top , there is a knife .", "knife", "apple", ("at the top , there is a knife",
+                                                         "at the top , there is an apple")),
+    ("i see the big knife .", "knife", "apple", ("i see the knife", "i see the apple")),
+    ("there is also knife .", "knife", "bowl", ("there is also knife", "there is also bowl")),
+    ("there is a dog .", "knife", "bowl", None),
+])
+def test_object_swap_differs_only_from_the_article_on(sentence, old, new, expected):
+    objects_of = lambda text: {o for o in ("knife", "bowl", "apple", "dog", "cup") if o in text.split()}  # noqa
+    assert object_swap(sentence, old, new, objects_of) == expected
+
+
+def test_verify_mirror_moves_an_object_pair_to_an_image_that_reverses_it():
+    gens = _generations()[:1]
+    gens += [{**gens[0], "image_id": i, "image_path": f"img/{i}.png"} for i in (7, 8)]
+    # image 0: frisbee and bird hallucinated, kite the one seen object missed: kite replaces frisbee (one pair),
+    # the bird sentence is dropped (no pair)
+    verdicts = _verdicts(gens[:1], set(), {"frisbee", "bird", "cup", "bowl", "fork", "knife", "spoon"})
+    # image 7 sees dog (the context) and frisbee but not kite: the mirror goes there; image 8 sees everything, so
+    # it mirrors nothing (the chosen object must be absent there)
+    seen_all = {o: (True, True) for o in TOY_OBJECTS}
+    verdicts += [seen_all | {"kite": (False, False)}, seen_all]
+    rows, stats = build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.0, 1, "insert",
+                                    TOY_TEMPLATES, seed=0, verdicts=verdicts, verify_correct=True,
+                                    correct_as="object", mirror=True)
+    original, mirror = rows
+    assert stats["correction_pairs"] == 1 and stats["mirror_pairs"] == 1
+    assert original["meta"]["kind"] == "correction" and mirror["meta"]["kind"] == "correction_mirror"
+    assert original["chosen"] == "i can see a kite" and original["rejected"] == "i can see a frisbee"
+    assert mirror["image_id"] == 7 and mirror["image_path"] == "img/7.png" and mirror["meta"]["mirror_of"] == 0
+    assert (mirror["chosen"], mirror["rejected"], mirror["context"]) == (original["rejected"], original["chosen"],
+                                                                         original["context"])
+    assert mirror["meta"]["faithful_objects"] == ["frisbee"] and mirror["meta"]["removed_objects"] == ["kite"]
+    with pytest.raises(ValueError, match="mirror needs"):
+        build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.0, 1, "insert", TOY_TEMPLATES,
+                          seed=0, verdicts=verdicts, verify_correct=True, correct_as="sentence", mirror=True)

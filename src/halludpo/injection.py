@@ -403,11 +403,97 @@ def _plannable(response: str, rate: float, skip: int) -> bool:
     return k is not None and n - skip >= k
 
 
+CORRECT_AS = ("response", "sentence", "object")
+ARTICLES = ("a", "an", "the")
+
+
+def object_swap(sentence: str, old: str, new: str, objects_of: Callable[[str], set[str]],
+                max_modifiers: int = 3) -> tuple[str, str] | None:
+    """(y_lose, y_win) for verify.correct_as "object": `sentence` cut right after its mention of object `old`, and
+    the same with `new` in its place, so that the two differ from the object's article on and nowhere else. Up to
+    `max_modifiers` words between the article and the object ("a large red knife") are left out of both: they
+    describe the old object, and would also differ between the two. Without an article that close, the mention
+    alone is swapped. None when `old` is not found word by word."""
+    words = sentence.split()
+    end = next((i for i in range(len(words)) if old in objects_of(" ".join(words[: i + 1]))), None)
+    if end is None:
+        return None
+    start = max(j for j in range(end + 1) if old in objects_of(" ".join(words[j: end + 1])))
+    article = next((i for i in range(start - 1, max(-1, start - 2 - max_modifiers), -1)
+                    if words[i].lower() in ARTICLES), None)
+    mention = words[start: end + 1]
+    if article is None:
+        return " ".join(words[: end + 1]), " ".join(words[:start] + [new])
+    head = words[:article]
+    if words[article].lower() == "the":
+        return " ".join(head + ["the"] + mention), " ".join(head + ["the", new])
+    return (" ".join(head + ["an" if mention[0][:1] in "aeiou" else "a"] + mention),
+            " ".join(head + ["an" if new[:1] in "aeiou" else "a", new]))
+
+
+def correction_sentence_rows(gen: dict, fix: dict, completions: dict[int, str], form: str = "sentence",
+                             objects_of: Callable[[str], set[str]] | None = None) -> list[dict]:
+    """Correction pairs inside the description (verify.correct_as "sentence" or "object"): for each hallucinated
+    sentence that has a replacement, context = the description before it (earlier hallucinated sentences already
+    corrected, or dropped); form "sentence": chosen = the replacement sentence, rejected = the sentence as
+    generated; form "object": the two cut after the object, differing only from its article on (object_swap).
+    meta.is_last_sent is false, so the context is masked and no end-of-turn is scored (halludpo.scoring): the pair
+    cannot teach where the description stops, which whole-response corrections do whenever the chosen one is
+    shorter. Dropped sentences (no seen object left to name) give no pair."""
+    actions = {step["index"]: step for step in fix["plan"]}
+    rows, kept = [], []
+    for index, sentence in enumerate(fix["sentences"]):
+        step = actions.get(index)
+        if step is None:
+            kept.append(sentence)
+            continue
+        if step["action"] == "replace":
+            chosen, rejected = completions[index].strip(), sentence.strip()
+            if form == "object":
+                swapped = object_swap(sentence, step["removed"][0], step["object"], objects_of)
+                if swapped is None:
+                    kept.append(completions[index].strip() + _trailing_space(sentence))
+                    continue
+                rejected, chosen = swapped
+            rows.append({
+                "image_id": gen["image_id"], "image_path": gen["image_path"], "prompt": gen["prompt"],
+                "context": "".join(kept).strip(), "chosen": chosen, "rejected": rejected, "method": "apasi",
+                "meta": {"kind": "correction", "form": form, "corrected_indices": [index],
+                         "removed_objects": list(step["removed"]), "faithful_objects": [step["object"]],
+                         "is_last_sent": False, "generator_model": gen.get("model"), "round": gen.get("round")},
+            })
+            kept.append(completions[index].strip() + _trailing_space(sentence))
+    return rows
+
+
+def mirror_row(row: dict, generations: Sequence[dict], verdicts: Sequence[dict[str, tuple[bool, bool]]],
+               objects_of: Callable[[str], set[str]], seed: int) -> dict | None:
+    """The counterfactual twin of an "object" correction pair (verify.mirror): the same context and the same two
+    texts on ANOTHER image where both verifiers see the rejected object (and every object of the context) and both
+    find the chosen one absent — with the preference reversed. Alone, a correction pair can be satisfied by a text
+    rule ("after a fork, never a knife"); with its twin only looking at the image satisfies both. The other image is
+    drawn with random.Random(f"{seed}/mirror/{image_id}/{rejected}") among the candidates; None when there is none.
+    """
+    (removed,), (faithful,) = row["meta"]["removed_objects"][:1], row["meta"]["faithful_objects"][:1]
+    needed = objects_of(row["context"]) | {removed}
+    candidates = [i for i, (gen, verdict) in enumerate(zip(generations, verdicts))
+                  if gen["image_id"] != row["image_id"] and verdict.get(faithful) == (False, False)
+                  and all(verdict.get(o) == (True, True) for o in needed)]
+    if not candidates:
+        return None
+    other = generations[random.Random(f"{seed}/mirror/{row['image_id']}/{row['rejected']}").choice(candidates)]
+    return row | {"image_id": other["image_id"], "image_path": other["image_path"], "prompt": other["prompt"],
+                  "chosen": row["rejected"], "rejected": row["chosen"],
+                  "meta": row["meta"] | {"kind": "correction_mirror", "mirror_of": row["image_id"],
+                                         "removed_objects": [faithful], "faithful_objects": [removed]}}
+
+
 def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[str]], vocabulary: Sequence[str],
                       completer, rate: float, skip: int, mode: str, templates: Sequence[str], seed: int,
                       top_k: int = 10, verdicts: Sequence[dict[str, tuple[bool, bool]]] | None = None,
                       verify_injected: bool = False, verify_chosen: bool = False,
-                      verify_complete: bool = False, verify_correct: bool = False) -> tuple[list[dict], dict]:
+                      verify_complete: bool = False, verify_correct: bool = False,
+                      correct_as: str = "response", mirror: bool = False) -> tuple[list[dict], dict]:
     """APASI pairs (pairs.jsonl rows) from generations.jsonl rows, and counts.
 
     Co-occurrence statistics come from the model's OWN responses. Each response is planned with
@@ -420,10 +506,17 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
     absent are dropped from the chosen response first (meta.dropped_sentences); with verify_complete the chosen
     response gets faithful_insertions (meta.faithful_objects), completed like the injected ones; with
     verify_correct every response naming an object both find absent also gives a correction pair
-    (:func:`correction_plan`; meta.kind "correction", after the injection pairs).
+    (:func:`correction_plan`; meta.kind "correction", after the injection pairs): one pair of whole responses
+    (correct_as "response"), or one pair per corrected sentence (correct_as "sentence",
+    :func:`correction_sentence_rows`).
     Stats: responses, pairs, skipped_rate (too few sentences), skipped_no_objects, skipped_identical,
     and with verdicts dropped_sentences, skipped_all_dropped, faithful_insertions, correction_pairs.
     """
+    if mirror and correct_as != "object":
+        raise ValueError(f"verify.mirror needs verify.correct_as=object (got {correct_as!r}): only pairs that differ "
+                         "in the object alone can be moved to another image")
+    if correct_as not in CORRECT_AS:
+        raise ValueError(f"correct_as={correct_as!r}: valid values are {', '.join(CORRECT_AS)}")
     if verdicts is not None and len(verdicts) != len(generations):
         raise ValueError(f"{len(verdicts)} verdicts for {len(generations)} generations")
     if (verify_injected or verify_chosen or verify_complete or verify_correct) and verdicts is None:
@@ -499,7 +592,18 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
             },
         })
     for gen, fix in corrections:
-        chosen = realize(fix, {step["index"]: next(completions) for step in fix["plan"] if step["action"] == "replace"})
+        fixed = {step["index"]: next(completions) for step in fix["plan"] if step["action"] == "replace"}
+        if correct_as != "response":
+            sentence_rows = correction_sentence_rows(gen, fix, fixed, correct_as, objects_of)
+            stats["correction_pairs"] += len(sentence_rows)
+            rows += sentence_rows
+            if mirror:
+                mirrors = [m for row in sentence_rows
+                           if (m := mirror_row(row, generations, verdicts, objects_of, seed)) is not None]
+                stats["mirror_pairs"] = stats.get("mirror_pairs", 0) + len(mirrors)
+                rows += mirrors
+            continue
+        chosen = realize(fix, fixed)
         chosen = chosen.strip()
         if not objects_of(chosen):  # nothing left to describe: the pair would only teach to stop
             stats["skipped_no_objects"] += 1

@@ -80,7 +80,9 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
                                     verify_injected=bool(verify.get("injected")),
                                     verify_chosen=bool(verify.get("chosen")),
                                     verify_complete=bool(verify.get("complete")),
-                                    verify_correct=bool(verify.get("correct")))
+                                    verify_correct=bool(verify.get("correct")),
+                                    correct_as=verify.get("correct_as", "response"),
+                                    mirror=bool(verify.get("mirror", False)))
     if not rows:
         raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
                          f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
