@@ -38,11 +38,19 @@ def test_invalid_config_gives_one_clear_message(bad, message):
     ("experiment=toy_apasi rounds=1", ["experiment=toy_apasi", "rounds=1"]),
     (["a=1", "b=2"], ["a=1", "b=2"]),
     ("[rounds=1,verifier.thresholds=[0.5,0.7]]", ["rounds=1", "verifier.thresholds=[0.5,0.7]"]),
-    ("[method.instances='${data.train_instances}',rounds=1]", ["method.instances=${data.train_instances}", "rounds=1"]),
-    ("[a='x,y',b={c:1,d:2}]", ["a=x,y", "b={c:1,d:2}"]),
+    ("[method.instances='${data.train_instances}',rounds=1]", ["method.instances='${data.train_instances}'",
+                                                               "rounds=1"]),
+    ("[a='x,y', b={c:1,d:2}]", ["a='x,y'", "b={c:1,d:2}"]),
 ])
 def test_normalize_overrides(raw, expected):
     assert normalize_overrides(raw) == expected
+
+
+def test_bracketed_overrides_keep_the_quotes_hydra_needs():
+    cfg = compose(normalize_overrides("[experiment=toy_sentinel,train.lora.target_modules='.*(q_proj|fc1)',"
+                                      "method.instances='${data.train_instances}',experiment_name='a,b']"))
+    assert cfg.train.lora.target_modules == ".*(q_proj|fc1)"
+    assert cfg.method.instances == cfg.data.train_instances and cfg.experiment_name == "a,b"
 
 
 def test_flatten_for_mlflow_params():

@@ -25,13 +25,15 @@ class ConfigError(ValueError):
 
 def normalize_overrides(overrides: str | Iterable[str] | None) -> list[str]:
     """Accept a list, a '[a=1,b=2]' string or a whitespace-separated string of Hydra overrides. In the bracketed
-    form only top-level commas separate overrides, so a value may be a list: '[rounds=1,train.foo=[0.5,0.7]]'."""
+    form only top-level commas separate overrides, so a value may be a list: '[rounds=1,train.foo=[0.5,0.7]]',
+    and quotes stay for Hydra, which needs them around a value with brackets, '|' or commas:
+    "[train.lora.target_modules='.*(q_proj|v_proj)']"."""
     if overrides is None:
         return []
     if isinstance(overrides, str):
         text = overrides.strip()
         if text.startswith("[") and text.endswith("]"):
-            return [o for item in split_top_level(text[1:-1]) for o in shlex.split(item)]
+            return [item.strip() for item in split_top_level(text[1:-1])]
         return shlex.split(text)
     return [str(o) for o in overrides]
 
