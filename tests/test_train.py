@@ -93,6 +93,22 @@ def test_dpo_trains_only_lora_and_logs_preference_metrics(tiny_model_dir, pairs,
     assert changed == []  # the base, i.e. the reference, stays frozen
 
 
+def test_training_is_deterministic_whatever_the_global_rng_state(tiny_model_dir, pairs, tmp_path):
+    # the LoRA matrices were drawn from the process's own random seed: two runs of one config gave two models
+    adapters = []
+    for run, global_seed in enumerate((1, 2)):
+        model, processor = load_model_and_processor(tiny_model_dir, "toy")
+        rows = compute_reference_logps(model, processor, pairs, 200, 4)
+        torch.manual_seed(global_seed)
+        stats = train_preference(model, processor, rows, tmp_path / str(run), TRAIN, str(tiny_model_dir))
+        adapted = PeftModel.from_pretrained(load_model_and_processor(tiny_model_dir, "toy")[0],
+                                            tmp_path / str(run) / "adapter")
+        adapters.append(({n: p.detach() for n, p in adapted.named_parameters() if "lora_" in n}, stats["history"]))
+    (first, history_1), (second, history_2) = adapters
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+    assert [h["grad_norm"] for h in history_1] == [h["grad_norm"] for h in history_2]
+
+
 def test_online_reference_matches_stored_at_the_first_step(tiny_model_dir, pairs, tmp_path):
     model, processor = load_model_and_processor(tiny_model_dir, "toy")
     online = train_preference(model, processor, pairs, tmp_path / "online", TRAIN | {"reference": "online"},

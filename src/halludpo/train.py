@@ -21,7 +21,7 @@ from accelerate import PartialState
 import torch
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from halludpo import paths
 from halludpo.config import stage_main, to_plain
@@ -287,6 +287,7 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
     elif any("ref_logps" not in r for r in rows):
         raise InputError(f"{source}: train.reference=stored but some rows have no ref_logps")
     dataset = PairDataset(rows, processor, train["max_length"], source, train["loss"])
+    set_seed(train["seed"])  # LoRA's A matrices are drawn here, before the Trainer seeds: from train.seed too
     model = lora_model(model, train["lora"])
     trainable = preflight(model)
     n_segments = N_SEGMENTS[train["loss"]]
