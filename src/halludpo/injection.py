@@ -474,7 +474,7 @@ def mirror_row(row: dict, generations: Sequence[dict], verdicts: Sequence[dict[s
     rule ("after a fork, never a knife"); with its twin only looking at the image satisfies both. The other image is
     drawn with random.Random(f"{seed}/mirror/{image_id}/{rejected}") among the candidates; None when there is none.
     """
-    (removed,), (faithful,) = row["meta"]["removed_objects"][:1], row["meta"]["faithful_objects"][:1]
+    removed, faithful = row["meta"]["removed_objects"][0], row["meta"]["faithful_objects"][0]
     needed = objects_of(row["context"]) | {removed}
     candidates = [i for i, (gen, verdict) in enumerate(zip(generations, verdicts))
                   if gen["image_id"] != row["image_id"] and verdict.get(faithful) == (False, False)
@@ -507,10 +507,10 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
     response gets faithful_insertions (meta.faithful_objects), completed like the injected ones; with
     verify_correct every response naming an object both find absent also gives a correction pair
     (:func:`correction_plan`; meta.kind "correction", after the injection pairs): one pair of whole responses
-    (correct_as "response"), or one pair per corrected sentence (correct_as "sentence",
-    :func:`correction_sentence_rows`).
+    (correct_as "response"), or one pair per corrected sentence (correct_as "sentence" or "object",
+    :func:`correction_sentence_rows`), with `mirror` also their counterfactual twins (:func:`mirror_row`).
     Stats: responses, pairs, skipped_rate (too few sentences), skipped_no_objects, skipped_identical,
-    and with verdicts dropped_sentences, skipped_all_dropped, faithful_insertions, correction_pairs.
+    and with verdicts dropped_sentences, skipped_all_dropped, faithful_insertions, correction_pairs (+ mirror_pairs).
     """
     if mirror and correct_as != "object":
         raise ValueError(f"verify.mirror needs verify.correct_as=object (got {correct_as!r}): only pairs that differ "
