@@ -151,13 +151,16 @@ def test_pairs_stage_asks_the_learned_verifiers(tiny_world, sentence_model, tmp_
     trajectories = read_jsonl(paths.pairs_jsonl(cfg, 0).with_name("trajectories.jsonl"))
     assert len(trajectories) == 10  # the unlabeled split
     a, b = verifiers.load_trained(paths.verifiers_dir(cfg), ["cnn", "features"])
+    threshold_a, threshold_b = cfg.verifier.thresholds
+    assert (threshold_a, threshold_b) == (0.5, 0.7)  # toy_sentinel's: each verifier decides at its own threshold
     checked = 0
     for t in trajectories:
         for step in t["steps"]:
             for sentence in step["sentences"]:
                 for obj, (yes_a, yes_b) in sentence["decisions"].items():
-                    assert yes_a == bool(verifiers.predict_present(a, [t["item"]["image_path"]], [obj])[0, 0])
-                    assert yes_b == bool(verifiers.predict_present(b, [t["item"]["image_path"]], [obj])[0, 0])
+                    image = [t["item"]["image_path"]]
+                    assert yes_a == bool(verifiers.predict_present(a, image, [obj], threshold_a)[0, 0])
+                    assert yes_b == bool(verifiers.predict_present(b, image, [obj], threshold_b)[0, 0])
                     checked += 1
     assert checked > 0
 
