@@ -77,6 +77,36 @@ def test_captions_one_sentence_per_object_and_configurable_absent_partner(tmp_pa
         assert any(toyworld.partner_of(o) == c["hallucinated"] for o in present_names)
 
 
+def test_absent_partner_sentence_goes_last_when_configured_and_nothing_else_changes():
+    import random
+
+    cfg_any = toyworld.WorldConfig(hallucination_share=1.0)
+    cfg_last = toyworld.WorldConfig(hallucination_share=1.0, hallucination_position="last")
+    moved = 0
+    for k in range(200):
+        scene_rng = random.Random(k)
+        scene, objects = toyworld.sample_objects(scene_rng, cfg_any)
+        boxes = toyworld.place_boxes(scene_rng, len(objects), cfg_any)
+        text_any, h_any = toyworld.caption(random.Random(f"c{k}"), scene, objects, boxes, cfg_any)
+        text_last, h_last = toyworld.caption(random.Random(f"c{k}"), scene, objects, boxes, cfg_last)
+        assert h_any == h_last
+        if h_last is None:
+            assert text_any == text_last
+            continue
+        sentences_any, sentences_last = (t.removesuffix(" .").split(" . ") for t in (text_any, text_last))
+        assert sorted(sentences_any) == sorted(sentences_last)  # the same sentences, only the order differs
+        assert h_last in sentences_last[-1] or any(s in sentences_last[-1] for s in toyworld.SYNONYMS.get(h_last, []))
+        moved += text_any != text_last
+    assert moved > 20
+    try:
+        toyworld.caption(random.Random(0), "kitchen", ["fork"], [(0, 0, 12, 12)],
+                         toyworld.WorldConfig(hallucination_position="middle"))
+    except ValueError as err:
+        assert "hallucination_position" in str(err)
+    else:
+        raise AssertionError("an unknown hallucination_position must be an error")
+
+
 def test_vocabulary_file_lists_every_category_first():
     lines = toyworld.vocabulary_text().splitlines()
     assert [line.split(", ")[0] for line in lines] == toyworld.categories()

@@ -108,6 +108,7 @@ class WorldConfig:
     partner_prob: float = 0.8       # P(partner present | object present and partnered)
     cross_scene_prob: float = 0.1   # P(one object from another scene type)
     hallucination_share: float = 0.3  # P(caption mentions an absent partner | the scene has one)
+    hallucination_position: str = "anywhere"  # where that sentence goes: anywhere after the opening | last
     synonym_prob: float = 0.2
     noise_std: float = 8.0
     max_overlap: float = 0.3        # max IoU between two glyphs
@@ -225,11 +226,19 @@ def object_sentence(rng: random.Random, obj: str, box, cfg: WorldConfig) -> str:
     return sentence.replace(" a a", " an a").replace(" a o", " an o").replace(" a e", " an e")
 
 
+HALLUCINATION_POSITIONS = ("anywhere", "last")
+
+
 def caption(rng: random.Random, scene: str, objects: list[str], boxes, cfg: WorldConfig) -> tuple[str, str | None]:
-    """One sentence per object, left to right; maybe one extra sentence about an absent partner.
+    """One sentence per object, left to right; maybe one extra sentence about an absent partner, placed anywhere
+    after the opening sentence or, with cfg.hallucination_position == "last", after every real object (as in long
+    LVLM descriptions, where hallucinations gather towards the end).
 
     Returns (caption, hallucinated category or None).
     """
+    if cfg.hallucination_position not in HALLUCINATION_POSITIONS:
+        raise ValueError(f"hallucination_position must be one of {HALLUCINATION_POSITIONS}, "
+                         f"got {cfg.hallucination_position!r}")
     order = sorted(range(len(objects)), key=lambda i: boxes[i][0] + boxes[i][2] / 2)
     sentences = [rng.choice(OPENING_TEMPLATES).format(a=article(scene), scene=scene)]
     sentences += [object_sentence(rng, objects[i], boxes[i], cfg) for i in order]
@@ -239,7 +248,10 @@ def caption(rng: random.Random, scene: str, objects: list[str], boxes, cfg: Worl
         hallucinated = rng.choice(absent_partners)
         size = rng.randint(cfg.min_glyph, cfg.max_glyph)
         fake_box = (rng.randint(0, cfg.image_size - size), rng.randint(0, cfg.image_size - size), size, size)
-        sentences.insert(rng.randint(2, len(sentences)), object_sentence(rng, hallucinated, fake_box, cfg))
+        position = rng.randint(2, len(sentences))  # drawn in both modes: "last" changes nothing else in the world
+        if cfg.hallucination_position == "last":
+            position = len(sentences)
+        sentences.insert(position, object_sentence(rng, hallucinated, fake_box, cfg))
     return " ".join(sentences), hallucinated
 
 
