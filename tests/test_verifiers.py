@@ -40,7 +40,7 @@ def split(world, name):
 
 @pytest.fixture(scope="module")
 def trained(world):
-    return {kind: train_verifier(kind, *split(world, "train"), seed=0) for kind in ("cnn", "features")}
+    return {kind: train_verifier(kind, *split(world, "train"), seed=0) for kind in ("cnn", "features", "mlp")}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_split_tensors_match_the_annotations(held_out):
     assert per_image.min() >= 1 and per_image.max() <= TINY_WORLD["max_objects"]
 
 
-@pytest.mark.parametrize("kind", ["cnn", "features"])
+@pytest.mark.parametrize("kind", ["cnn", "features", "mlp"])
 def test_trained_verifiers_beat_chance_on_held_out_images(trained, world, kind):
     # Most (image, category) cells are "absent", so plain accuracy is high for any model; balanced accuracy
     # (TPR + TNR) / 2 is 0.5 for chance and for "always absent".
