@@ -38,7 +38,7 @@ def sentence_model(tiny_world, tmp_path_factory):
 def stage_cfg(results, tiny_world, model_dir, *extra):
     return compose([f"paths.results={results}", f"paths.data_dir={tiny_world}", f"model.path={model_dir}",
                     "experiment=toy_sentinel", "data.world.image_size=32", "eval.chair.text_pipeline=offline",
-                    "verifier.train.hyper.cnn.epochs=20", "verifier.train.hyper.features.epochs=20",
+                    "verifier.train.hyper.cnn.epochs=20", "verifier.train.hyper.mlp.epochs=20",
                     "method.sampling.n=8", "method.sampling.max_steps=5", "method.sampling.max_new_tokens=16",
                     "method.sampling.batch_size=4", *extra])
 
@@ -54,13 +54,13 @@ def test_verifier_stage_trains_both_kinds_and_writes_the_marker(tiny_world, sent
     marker = paths.verifiers_marker(cfg)
     assert marker == tmp_path / "models" / "verifiers_toy" / "verifiers.json"
     summary = json.loads(marker.read_text())
-    assert summary["kinds"] == ["cnn", "features"] and summary["held_out_images"] == 40
+    assert summary["kinds"] == ["cnn", "mlp"] and summary["held_out_images"] == 40
     assert 0.0 <= summary["held_out_agreement"] <= 1.0
-    for kind in ("cnn", "features"):
+    for kind in ("cnn", "mlp"):
         assert summary["verifiers"][kind]["hyper"]["epochs"] == 20
         assert set(summary["verifiers"][kind]["held_out"]) == {"accuracy", "balanced_accuracy", "precision", "recall"}
-    a, b = verifiers.load_trained(paths.verifiers_dir(cfg), ["cnn", "features"])
-    assert (a.kind, b.kind) == ("cnn", "features") and a.image_size == 32
+    a, b = verifiers.load_trained(paths.verifiers_dir(cfg), ["cnn", "mlp"])
+    assert (a.kind, b.kind) == ("cnn", "mlp") and a.image_size == 32
 
 
 def test_detector_verifiers_build_the_detectors_decide_fn_from_config(tiny_world, tmp_path):
@@ -142,7 +142,8 @@ def test_pairs_stage_is_seeded(oracle_runs):
 
 
 def test_pairs_stage_asks_the_learned_verifiers(tiny_world, sentence_model, tmp_path):
-    cfg = stage_cfg(tmp_path, tiny_world, sentence_model, "method.sampling.max_steps=3")
+    cfg = stage_cfg(tmp_path, tiny_world, sentence_model, "method.sampling.max_steps=3",
+                    "verifier.thresholds=[0.5,0.7]")
     verifiers.run(cfg)
     try:  # tiny verifiers on 40 images may confirm no object at all: the stage then says so, after the trajectories
         pairs.run(cfg)
@@ -150,9 +151,9 @@ def test_pairs_stage_asks_the_learned_verifiers(tiny_world, sentence_model, tmp_
         assert "SENTINEL built no pair" in str(err)
     trajectories = read_jsonl(paths.pairs_jsonl(cfg, 0).with_name("trajectories.jsonl"))
     assert len(trajectories) == 10  # the unlabeled split
-    a, b = verifiers.load_trained(paths.verifiers_dir(cfg), ["cnn", "features"])
+    a, b = verifiers.load_trained(paths.verifiers_dir(cfg), ["cnn", "mlp"])
     threshold_a, threshold_b = cfg.verifier.thresholds
-    assert (threshold_a, threshold_b) == (0.5, 0.7)  # toy_sentinel's: each verifier decides at its own threshold
+    assert (threshold_a, threshold_b) == (0.5, 0.7)  # each verifier decides at its own threshold
     checked = 0
     for t in trajectories:
         for step in t["steps"]:
@@ -282,7 +283,7 @@ def test_toy_sentinel_end_to_end(workdir_with_tiny_base):
     overrides = ["experiment=toy_sentinel",
                  *[o for o in TINY if not o.startswith("method.generation.")],
                  "method.sampling.max_new_tokens=24", "method.sampling.n=8", "method.sampling.max_steps=6",
-                 "verifier.train.hyper.cnn.epochs=20", "verifier.train.hyper.features.epochs=20"]
+                 "verifier.train.hyper.cnn.epochs=20", "verifier.train.hyper.mlp.epochs=20"]
     dry = snakemake(tmp_path, "-n", overrides=overrides)
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = job_counts(dry.stdout)
