@@ -176,3 +176,26 @@ def test_contrast_rows_add_the_neighbours_image_and_chosen():
     assert "contrast_image_path" not in rows[0] and rows[0]["meta"] == {"k": 1}  # inputs untouched
     with pytest.raises(ValueError, match="2 embeddings for 3 distinct images"):
         contrast_rows(rows, embeddings[:2])
+
+
+def sentence_pair(image_id, step, chosen, objects, context_objects=()):
+    return {"image_id": image_id, "image_path": f"/imgs/{image_id}.png", "prompt": "describe", "context": "c",
+            "chosen": chosen, "rejected": "r", "method": "sentinel",
+            "meta": {"step": step, "chosen_objects": list(objects), "context_objects": list(context_objects)}}
+
+
+def test_sentence_pairs_take_an_informative_donor_at_the_same_step():
+    rows = [sentence_pair(1, 1, "there is a dog .", ["dog"]),
+            sentence_pair(1, 2, "i can see a cat .", ["cat"], ["dog"]),
+            sentence_pair(2, 1, "there is a cat .", ["cat"]),              # cat is in image 1: not informative
+            sentence_pair(2, 2, "i can see a bench .", ["bench"], ["cat"]),
+            sentence_pair(3, 2, "i can see a kite .", ["kite"], ["tree"])]
+    embeddings = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5]])  # from image 1: 2 nearest, then 3
+    out = contrast_rows(rows, embeddings, distinct=True)
+    # image 1, step 1: image 2's step-1 sentence names cat (known in image 1), so its step-2 bench sentence
+    assert out[0]["chosen_contrast"] == "i can see a bench ." and out[0]["meta"]["contrast_rank"] == 0
+    # image 1, step 2: y_w names cat, which image 2 shows -> the next neighbour, image 3, at the same step
+    assert out[1]["chosen_contrast"] == "i can see a kite ." and out[1]["meta"]["contrast_image_id"] == 3
+    assert out[1]["meta"]["contrast_rank"] == 1
+    # image 3 (nearest: 2, then 1) at step 2: image 2's step-2 bench sentence
+    assert out[4]["chosen_contrast"] == "i can see a bench ." and out[4]["meta"]["contrast_image_id"] == 2

@@ -169,17 +169,27 @@ def ranked_neighbours(embeddings: torch.Tensor, chunk_size: int = 1024) -> torch
     return torch.cat(ranked)
 
 
+def known_objects(rows: list[dict]) -> set[str]:
+    """Objects an image is known to show: its rows' verified chosen and context objects (SENTINEL's meta
+    chosen_objects / context_objects; empty for methods that do not record them, such as APASI)."""
+    return {o for r in rows for key in ("chosen_objects", "context_objects") for o in r.get("meta", {}).get(key, [])}
+
+
 def contrast_rows(rows: list[dict], embeddings: torch.Tensor, distinct: bool = False) -> list[dict]:
     """SymMPO pairs: copies of `rows` with contrast_image_path (m' = nearest other image) and chosen_contrast (y'_w).
 
     embeddings: (N, D), one row per image of `unique_images(rows)`, in that order.
-    y'_w is the chosen response of the neighbour's first pair with the same prompt (the question x is shared),
-    or of its first pair if none has it. meta gains contrast_image_id. Input rows are not modified.
+    y'_w is the chosen response of one of the neighbour's pairs (its donor): one with the same prompt (the question
+    x is shared) if any, and among those one at the same meta.step if any (sentence-level pairs: y'_w is then the
+    neighbour's sentence at the same position, scored after the row's own context). meta gains contrast_image_id.
+    Input rows are not modified.
 
-    distinct: take the nearest neighbour whose y'_w differs from the row's own chosen y_w (meta.contrast_rank = its
-    rank, 0 = nearest). With y'_w == y_w both image-contrast margins h1, h2 are identically 0 and SymMPO degenerates
-    to DPO + anchors; a model that describes similar images alike makes that common. Falls back to the nearest when
-    no image gives a different response.
+    distinct: take the nearest neighbour with an informative donor (meta.contrast_rank = the neighbour's rank,
+    0 = nearest): y'_w differs from y_w (y'_w == y_w makes both image-contrast margins identically 0 and SymMPO
+    degenerates to DPO + anchors; a model that describes similar images alike makes that common), and where the
+    rows record objects (`known_objects`), y'_w names none known in m and y_w none known in m' (else a margin asks
+    to prefer one true sentence over another). Falls back to the nearest neighbour's first donor whose y'_w differs,
+    else to the nearest.
     """
     images = unique_images(rows)
     if embeddings.shape[0] != len(images):
@@ -189,19 +199,33 @@ def contrast_rows(rows: list[dict], embeddings: torch.Tensor, distinct: bool = F
     by_image: dict = {}
     for row in rows:
         by_image.setdefault(row["image_id"], []).append(row)
+    present = {image_id: known_objects(image_rows) for image_id, image_rows in by_image.items()}
 
-    def donor_of(other_id, row):
-        return next((r for r in by_image[other_id] if r.get("prompt") == row.get("prompt")), by_image[other_id][0])
+    def donors(other_id, row) -> list[dict]:
+        same_prompt = [r for r in by_image[other_id] if r.get("prompt") == row.get("prompt")] or by_image[other_id]
+        step = row.get("meta", {}).get("step")
+        return sorted(same_prompt, key=lambda r: r.get("meta", {}).get("step") != step)  # stable: same step first
+
+    def informative(row, other_id, donor) -> bool:
+        return (donor["chosen"] != row["chosen"]
+                and not present[row["image_id"]] & set(donor.get("meta", {}).get("chosen_objects", []))
+                and not present[other_id] & set(row.get("meta", {}).get("chosen_objects", [])))
+
+    def choose(row) -> tuple[int, dict]:
+        candidates = ranked[position[row["image_id"]]].tolist()
+        for rank, c in enumerate(candidates if distinct else []):
+            donor = next((d for d in donors(images[c][0], row) if informative(row, images[c][0], d)), None)
+            if donor is not None:
+                return rank, donor
+        nearest = donors(images[candidates[0]][0], row)
+        return 0, next((d for d in nearest if d["chosen"] != row["chosen"]), nearest[0])
 
     out = []
     for row in rows:
-        candidates = ranked[position[row["image_id"]]].tolist()
-        rank = next((i for i, c in enumerate(candidates) if donor_of(images[c][0], row)["chosen"] != row["chosen"]),
-                    0)
-        other_id, other_path = images[candidates[rank]]
+        rank, donor = choose(row)
+        other_id, other_path = images[ranked[position[row["image_id"]]][rank].item()]
         meta = {**row.get("meta", {}), "contrast_image_id": other_id} | ({"contrast_rank": rank} if distinct else {})
-        out.append({**row, "contrast_image_path": other_path, "chosen_contrast": donor_of(other_id, row)["chosen"],
-                    "meta": meta})
+        out.append({**row, "contrast_image_path": other_path, "chosen_contrast": donor["chosen"], "meta": meta})
     return out
 
 
