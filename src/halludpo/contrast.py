@@ -211,19 +211,20 @@ def contrast_rows(rows: list[dict], embeddings: torch.Tensor, distinct: bool = F
                 and not present[row["image_id"]] & set(donor.get("meta", {}).get("chosen_objects", []))
                 and not present[other_id] & set(row.get("meta", {}).get("chosen_objects", [])))
 
-    def choose(row) -> tuple[int, dict]:
+    def choose(row) -> tuple[int, int, dict]:
+        """(rank, index into images, donor row) of the row's contrast image."""
         candidates = ranked[position[row["image_id"]]].tolist()
         for rank, c in enumerate(candidates if distinct else []):
             donor = next((d for d in donors(images[c][0], row) if informative(row, images[c][0], d)), None)
             if donor is not None:
-                return rank, donor
+                return rank, c, donor
         nearest = donors(images[candidates[0]][0], row)
-        return 0, next((d for d in nearest if d["chosen"] != row["chosen"]), nearest[0])
+        return 0, candidates[0], next((d for d in nearest if d["chosen"] != row["chosen"]), nearest[0])
 
     out = []
     for row in rows:
-        rank, donor = choose(row)
-        other_id, other_path = images[ranked[position[row["image_id"]]][rank].item()]
+        rank, c, donor = choose(row)
+        other_id, other_path = images[c]
         meta = {**row.get("meta", {}), "contrast_image_id": other_id} | ({"contrast_rank": rank} if distinct else {})
         out.append({**row, "contrast_image_path": other_path, "chosen_contrast": donor["chosen"], "meta": meta})
     return out
