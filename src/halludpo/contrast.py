@@ -100,21 +100,25 @@ def noise_image(image: Image.Image, seed: int, std: float = 0.5) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels + noise), 0, 255).astype(np.uint8), "RGB")
 
 
+def other_similarities(embeddings: torch.Tensor, chunk_size: int = 1024):
+    """Yield (chunk_size, N) blocks of cosine similarities between rows of (N, D) embeddings, a row's similarity to
+    itself set to -inf (an N x N matrix does not fit for large N)."""
+    if embeddings.dim() != 2 or embeddings.shape[0] < 2:
+        raise ValueError(f"need (N, D) embeddings with N >= 2, got shape {tuple(embeddings.shape)}")
+    unit = F.normalize(embeddings.double(), dim=1)
+    for start in range(0, unit.shape[0], chunk_size):
+        sim = unit[start:start + chunk_size] @ unit.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = -math.inf
+        yield sim
+
+
 def nearest_neighbours(embeddings: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """For each row of (N, D) embeddings, the index of the most cosine-similar OTHER row, as a (N,) LongTensor.
 
     A row is never its own neighbour; ties go to the lowest index (argmax returns the first maximum).
     """
-    if embeddings.dim() != 2 or embeddings.shape[0] < 2:
-        raise ValueError(f"need (N, D) embeddings with N >= 2, got shape {tuple(embeddings.shape)}")
-    unit = F.normalize(embeddings.double(), dim=1)
-    neighbours = []
-    for start in range(0, unit.shape[0], chunk_size):  # an N x N similarity matrix does not fit for large N
-        sim = unit[start:start + chunk_size] @ unit.T
-        rows = torch.arange(sim.shape[0])
-        sim[rows, rows + start] = -math.inf
-        neighbours.append(sim.argmax(dim=1))
-    return torch.cat(neighbours)
+    return torch.cat([sim.argmax(dim=1) for sim in other_similarities(embeddings, chunk_size)])
 
 
 @torch.no_grad()
@@ -157,16 +161,8 @@ def unique_images(rows: list[dict]) -> list[tuple[int | str, str]]:
 def ranked_neighbours(embeddings: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """(N, N-1) LongTensor: for each row, the OTHER rows by decreasing cosine similarity (ties: lowest index first),
     so column 0 is `nearest_neighbours`."""
-    if embeddings.dim() != 2 or embeddings.shape[0] < 2:
-        raise ValueError(f"need (N, D) embeddings with N >= 2, got shape {tuple(embeddings.shape)}")
-    unit = F.normalize(embeddings.double(), dim=1)
-    ranked = []
-    for start in range(0, unit.shape[0], chunk_size):
-        sim = unit[start:start + chunk_size] @ unit.T
-        rows = torch.arange(sim.shape[0])
-        sim[rows, rows + start] = -math.inf
-        ranked.append(torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :-1])
-    return torch.cat(ranked)
+    return torch.cat([torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :-1]
+                      for sim in other_similarities(embeddings, chunk_size)])
 
 
 def known_objects(rows: list[dict]) -> set[str]:
@@ -201,10 +197,15 @@ def contrast_rows(rows: list[dict], embeddings: torch.Tensor, distinct: bool = F
         by_image.setdefault(row["image_id"], []).append(row)
     present = {image_id: known_objects(image_rows) for image_id, image_rows in by_image.items()}
 
+    donor_lists: dict = {}  # (image, prompt, step) -> donors; rows of one image share them
+
     def donors(other_id, row) -> list[dict]:
-        same_prompt = [r for r in by_image[other_id] if r.get("prompt") == row.get("prompt")] or by_image[other_id]
-        step = row.get("meta", {}).get("step")
-        return sorted(same_prompt, key=lambda r: r.get("meta", {}).get("step") != step)  # stable: same step first
+        prompt, step = row.get("prompt"), row.get("meta", {}).get("step")
+        key = (other_id, prompt, step)
+        if key not in donor_lists:
+            same_prompt = [r for r in by_image[other_id] if r.get("prompt") == prompt] or by_image[other_id]
+            donor_lists[key] = sorted(same_prompt, key=lambda r: r.get("meta", {}).get("step") != step)
+        return donor_lists[key]  # stable sort: the same step first, then file order
 
     def informative(row, other_id, donor) -> bool:
         return (donor["chosen"] != row["chosen"]

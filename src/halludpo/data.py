@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from halludpo import paths
 from halludpo.config import stage_main
-from halludpo.io import InputError, read_json, sha256_file, write_json, write_jsonl, write_text
+from halludpo.io import InputError, iter_jsonl, read_json, sha256_file, write_json, write_jsonl, write_text
 from halludpo.toyworld import WorldConfig, render_world
 
 log = logging.getLogger(__name__)
@@ -117,28 +117,10 @@ def read_detail_23k(path: str | Path) -> list[dict]:
     return rows
 
 
-def _jsonl_objects(path: str | Path):
-    """(line number, object) of a JSON Lines file; InputError naming file:line for a bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-
-
 def read_image_list(path: str | Path) -> list[tuple[int, int]]:
     """OPERA's CHAIR list (one {"image_id", ...} per line) -> [(image_id, line)] in file order, no repeats."""
     ids, seen = [], {}
-    for lineno, row in _jsonl_objects(path):
+    for lineno, row in iter_jsonl(path):
         image_id = row.get("image_id")
         if isinstance(image_id, str) and image_id.isdigit():
             image_id = int(image_id)
@@ -157,7 +139,7 @@ def read_pope_file(path: str | Path, images_dir: str | Path | None = None) -> li
     """A released POPE file (JSON Lines {question_id, image, text, label}) -> the evaluate stage's question rows
     {question_id, image_id, file_name, object, label, text}. With images_dir, every image must be there."""
     rows, checked = [], set()
-    for lineno, row in _jsonl_objects(path):
+    for lineno, row in iter_jsonl(path):
         missing = [k for k in ("question_id", "image", "text", "label") if k not in row]
         if missing:
             raise InputError(f"{path}:{lineno}: missing field(s) {missing}")

@@ -64,13 +64,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:
-    """Read JSON Lines; a malformed line or a missing required field raises InputError naming file:line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON Lines file; InputError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    required = tuple(required)
-    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -81,10 +79,18 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[di
                 raise InputError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise InputError(f"{path}:{lineno}: missing field(s) {missing}")
-            rows.append(row)
+            yield lineno, row
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:
+    """Read JSON Lines; a malformed line or a missing required field raises InputError naming file:line."""
+    required = tuple(required)
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise InputError(f"{path}:{lineno}: missing field(s) {missing}")
+        rows.append(row)
     return rows
 
 
