@@ -533,3 +533,18 @@ def test_verify_mirror_moves_an_object_pair_to_an_image_that_reverses_it():
     with pytest.raises(ValueError, match="mirror needs"):
         build_apasi_pairs(gens, toy_objects_of, TOY_OBJECTS, FakeCompleter(), 0.0, 1, "insert", TOY_TEMPLATES,
                           seed=0, verdicts=verdicts, verify_correct=True, correct_as="sentence", mirror=True)
+
+
+def test_per_round_schedules_repeat_their_last_entry_and_check_every_mode():
+    from omegaconf import OmegaConf
+
+    from halludpo.pairs import injection_mode, injection_rate
+
+    assert [injection_rate([0.4, 0.2], k) for k in range(4)] == [0.4, 0.2, 0.2, 0.2]
+    assert [injection_mode("both", k) for k in range(3)] == ["both"] * 3
+    schedule = OmegaConf.create({"mode": ["both", "replace"]}).mode  # as Hydra hands it over
+    assert [injection_mode(schedule, k) for k in range(3)] == ["both", "replace", "replace"]
+    with pytest.raises(ValueError, match="method.mode: unknown injection mode 'replce'"):
+        injection_mode(["both", "replce"], 0)  # a typo in round 1's entry fails in round 0
+    with pytest.raises(ValueError, match="method.injection_rates is empty"):
+        injection_rate([], 0)

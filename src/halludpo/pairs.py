@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from halludpo import paths
 from halludpo.config import stage_main, to_plain
 from halludpo.generate import select_images
-from halludpo.injection import PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter, build_apasi_pairs
+from halludpo.injection import MODES, PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter, build_apasi_pairs
 from halludpo.io import InputError, read_json, read_jsonl, write_json, write_jsonl
 from halludpo.metrics.chair import ChairScorer, load_synonyms
 from halludpo.metrics.text import get_text_pipeline
@@ -33,11 +34,28 @@ log = logging.getLogger(__name__)
 GENERATION_FIELDS = ("image_id", "image_path", "prompt", "response", "model", "round")
 
 
+def per_round(schedule, k: int, name: str):
+    """Round k's entry of a per-round schedule (a list whose last entry repeats) or the value itself (a scalar)."""
+    if isinstance(schedule, str) or not isinstance(schedule, Sequence):
+        return schedule
+    if not schedule:
+        raise ValueError(f"{name} is empty")
+    return schedule[min(k, len(schedule) - 1)]
+
+
 def injection_rate(rates: list[float], k: int) -> float:
     """Round k's injection rate from the per-round schedule (the last entry repeats)."""
-    if not rates:
-        raise ValueError("method.injection_rates is empty")
-    return float(rates[min(k, len(rates) - 1)])
+    return float(per_round(list(rates), k, "method.injection_rates"))
+
+
+def injection_mode(modes, k: int) -> str:
+    """Round k's injection mode: method.mode is one mode for every round or a per-round list (the last repeats);
+    every entry is checked, so a typo in a later round fails in round 0."""
+    modes = list(modes) if isinstance(modes, (list, ListConfig)) else modes
+    for mode in modes if isinstance(modes, list) else [modes]:
+        if mode not in MODES:
+            raise ValueError(f"method.mode: unknown injection mode {mode!r}; valid modes: {', '.join(MODES)}")
+    return per_round(modes, k, "method.mode")
 
 
 def templates_for(choice: str, data_kind: str) -> list[str]:
@@ -69,13 +87,14 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
                                   batch_size=method.completion.batch_size,
                                   terminator=" ." if cfg.data.kind == "toy" else ".")
     rate = injection_rate(list(method.injection_rates), k)
+    mode = injection_mode(method.mode, k)
     verify = method.get("verify") or {}
     verdicts = None
     if apasi_verifies(method):
         decide = verifier_decide_fn(cfg, cfg.data.gen_instances)
         verdicts = verify_images(decide, generations, vocabulary)
     rows, stats = build_apasi_pairs(generations, objects_of, vocabulary, completer, rate=rate, skip=method.skip,
-                                    mode=method.mode, templates=templates_for(method.templates, cfg.data.kind),
+                                    mode=mode, templates=templates_for(method.templates, cfg.data.kind),
                                     seed=cfg.seed + k, top_k=method.top_k, verdicts=verdicts,
                                     verify_injected=bool(verify.get("injected")),
                                     verify_chosen=bool(verify.get("chosen")),
@@ -87,9 +106,9 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
         raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
                          f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
     write_jsonl(out, rows)
-    write_json(out.with_name("pairs_stats.json"), stats | {"rate": rate, "round": k})
+    write_json(out.with_name("pairs_stats.json"), stats | {"rate": rate, "mode": mode, "round": k})
     log.info("round %d: %d APASI pairs from %d descriptions (rate %.2f, mode %s) -> %s", k, len(rows),
-             len(generations), rate, method.mode, out)
+             len(generations), rate, mode, out)
     return stats
 
 
