@@ -374,11 +374,6 @@ def drop_hallucinated_sentences(response: str, objects_of: Callable[[str], set[s
     return kept.strip(), dropped
 
 
-def chair_objects_of(scorer) -> Callable[[str], set[str]]:
-    """objects_of for a metrics.chair.ChairScorer: the set of categories it finds in a text."""
-    return lambda text: {category for _, category in scorer.objects(text)}
-
-
 def _complete_steps(completer, jobs: list[tuple[Sequence[str], dict]]) -> Iterator[str]:
     """The completed sentence of every (sentences, plan step), in order, without its preceding context: one
     completer.complete call on prefixes = original preceding text + template prefix."""

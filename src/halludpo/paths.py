@@ -77,10 +77,6 @@ def summary_json(cfg: DictConfig) -> Path:
     return Path(cfg.paths.experiment_dir) / "summary.json"
 
 
-def logs_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.experiment_dir) / "logs"
-
-
 def gen_generations(cfg: DictConfig, k: int) -> Path:
     """model_k's descriptions of the unlabelled images: the raw material of round k's preference pairs."""
     return generations(cfg, k, "gen")
