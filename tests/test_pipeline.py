@@ -130,6 +130,15 @@ def test_changed_dpo_hyperparameter_reruns_only_training_and_after(pipeline_dir)
     assert jobs == {"dpo": 1, "merge": 1, "generate": 1, "evaluate": 1, "summarize": 1, "all": 1}, jobs
 
 
+@pytest.mark.slow
+def test_per_round_schedules_rerun_only_the_round_whose_entry_changed(pipeline_dir):
+    workdir, _ = pipeline_dir  # rounds=1: round 0 uses the first entry of method.injection_rates / method.mode
+    later = snakemake(workdir, "-n", overrides=[*TINY, "method.injection_rates=[0.4,0.1]", "method.mode=[both,replace]"])
+    assert "Nothing to be done" in later.stdout, later.stdout
+    first = job_counts(snakemake(workdir, "-n", overrides=[*TINY, "method.mode=[replace,both]"]).stdout)
+    assert first.get("inject") == 1 and first.get("dpo") == 1, first
+
+
 def test_bad_override_is_one_clear_error(tmp_path):
     result = snakemake(tmp_path, "-n", overrides=["train.no_such_key=1"])
     assert result.returncode != 0

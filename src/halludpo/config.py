@@ -11,7 +11,7 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -102,6 +102,18 @@ def validate(cfg: DictConfig) -> None:
 
 def to_plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+PER_ROUND_KEYS = ("injection_rates", "mode")  # APASI method keys that may hold one entry per round
+
+
+def per_round(schedule, k: int, name: str = "schedule"):
+    """Round k's entry of a per-round schedule (a list whose last entry repeats), or the value itself (a scalar)."""
+    if isinstance(schedule, str) or not isinstance(schedule, Sequence):
+        return schedule
+    if len(schedule) == 0:
+        raise ValueError(f"{name} is empty")
+    return schedule[min(k, len(schedule) - 1)]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
 from halludpo import paths
-from halludpo.config import stage_main, to_plain
+from halludpo.config import per_round, stage_main, to_plain
 from halludpo.generate import select_images
 from halludpo.injection import MODES, PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter, build_apasi_pairs
 from halludpo.io import InputError, read_json, read_jsonl, write_json, write_jsonl
@@ -32,15 +31,6 @@ from halludpo.models import load_model_and_processor
 log = logging.getLogger(__name__)
 
 GENERATION_FIELDS = ("image_id", "image_path", "prompt", "response", "model", "round")
-
-
-def per_round(schedule, k: int, name: str):
-    """Round k's entry of a per-round schedule (a list whose last entry repeats) or the value itself (a scalar)."""
-    if isinstance(schedule, str) or not isinstance(schedule, Sequence):
-        return schedule
-    if not schedule:
-        raise ValueError(f"{name} is empty")
-    return schedule[min(k, len(schedule) - 1)]
 
 
 def injection_rate(rates: list[float], k: int) -> float:

@@ -5,12 +5,25 @@
 #   method=sentinel        rule sentinel                        -> pairs/pairs.jsonl
 #   method=apasi_sentinel  rules inject, sentinel               -> pairs/<method>/pairs.jsonl
 #                          rule mix_pairs (weights, caps)       -> pairs/pairs.jsonl
+from halludpo.config import PER_ROUND_KEYS, per_round
 from halludpo.mixing import apasi_verifies
 
 MIXED = len(PAIR_METHODS) > 1
 # the verifier settings a pairs rule's output depends on (device, dtype, batch_size change speed only)
 VERIFIER_KEYS = ("verifier.kind", "verifier.kinds", "verifier.thresholds", "verifier.oracle", "verifier.models",
                  "verifier.text_thresholds", "verifier.max_queries")
+
+
+def round_entries(config_json, k):
+    """A subtree param with APASI's per-round schedules (method.injection_rates, method.mode) cut to round k's
+    entry: editing a later round's entry does not rerun the earlier rounds."""
+    tree = json.loads(config_json)
+    for key in PER_ROUND_KEYS:
+        if f"method.{key}" in tree:
+            tree[f"method.{key}"] = per_round(tree[f"method.{key}"], k)
+        elif key in tree.get("method", {}):
+            tree["method"][key] = per_round(tree["method"][key], k)
+    return json.dumps(tree, sort_keys=True)
 
 
 def method_pairs(method):
@@ -40,9 +53,10 @@ if "apasi" in PAIR_METHODS:
         output:
             method_pairs("apasi"),
         params:
-            config=subtree(*method_config_keys(CFG.method, "apasi"), "data.vocabulary", "data.compounds",
-                           "eval.chair.text_pipeline", "seed",
-                           *(VERIFIER_KEYS if apasi_verifies(CFG.method) else [])),
+            config=lambda wildcards: round_entries(
+                subtree(*method_config_keys(CFG.method, "apasi"), "data.vocabulary", "data.compounds",
+                        "eval.chair.text_pipeline", "seed", *(VERIFIER_KEYS if apasi_verifies(CFG.method) else [])),
+                int(wildcards.k)),
         threads: workflow.cores
         conda:
             CONDA_ENV
