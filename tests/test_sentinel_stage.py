@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from halludpo import paths, pairs, verifiers
-from halludpo.config import compose, to_plain
+from halludpo.config import compose
 from halludpo.io import InputError, read_jsonl
 from halludpo.mixing import method_config_keys, method_settings, mix_pairs, pair_methods, weighted_rows
 from tests.conftest import TINY_ARCH
@@ -252,7 +252,6 @@ def test_mix_pairs_concatenates_with_per_method_weights_and_caps():
 
 
 def test_mix_step_writes_pairs_jsonl(tmp_path):
-    from halludpo.injection import split_sentences
     from halludpo.io import write_jsonl
 
     cfg = compose([f"paths.results={tmp_path}", "experiment=toy_apasi_sentinel", "step=mix",

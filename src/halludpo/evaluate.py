@@ -20,7 +20,6 @@ from halludpo.inference import decoding_kwargs, generate_texts
 from halludpo.io import (
     InputError,
     package_versions,
-    read_json,
     read_jsonl,
     sha256_file,
     sha256_json,
