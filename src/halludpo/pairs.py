@@ -16,7 +16,7 @@ import logging
 import random
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from halludpo import paths
 from halludpo.config import per_round, stage_main, to_plain
@@ -35,14 +35,13 @@ GENERATION_FIELDS = ("image_id", "image_path", "prompt", "response", "model", "r
 
 def injection_rate(rates: list[float], k: int) -> float:
     """Round k's injection rate from the per-round schedule (the last entry repeats)."""
-    return float(per_round(list(rates), k, "method.injection_rates"))
+    return float(per_round(rates, k, "method.injection_rates"))
 
 
 def injection_mode(modes, k: int) -> str:
     """Round k's injection mode: method.mode is one mode for every round or a per-round list (the last repeats);
     every entry is checked, so a typo in a later round fails in round 0."""
-    modes = list(modes) if isinstance(modes, (list, ListConfig)) else modes
-    for mode in modes if isinstance(modes, list) else [modes]:
+    for mode in [modes] if isinstance(modes, str) else modes:
         if mode not in MODES:
             raise ValueError(f"method.mode: unknown injection mode {mode!r}; valid modes: {', '.join(MODES)}")
     return per_round(modes, k, "method.mode")
