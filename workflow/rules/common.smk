@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from halludpo import paths
+from halludpo import determinism, paths
 from halludpo.config import ConfigError, compose, normalize_overrides, to_plain
 
 validate(config, schema="../schemas/snakemake_config.schema.yaml")
@@ -40,8 +40,9 @@ SRC_PATH = shlex.quote(str(SRC.parent))
 # Every stage command's environment (a shell template: Snakemake fills in SRC_PATH). src/ goes on the path: the rules
 # run the checkout's code, also inside a conda env without the package. Fixed thread counts: MKL/OpenMP may
 # otherwise use fewer threads on a busy node, which changes float reduction order and so the trained weights.
+# The CPU kernel levels are pinned (halludpo.determinism), so model_0 is the same on every x86-64 CPU.
 # Progress bars refresh at most every 30 s: rule logs are files, where each refresh would be another line.
-STAGE_ENV = ("MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
+STAGE_ENV = (determinism.shell_exports() + " MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
              "PYTHONPATH={SRC_PATH}${{PYTHONPATH:+:$PYTHONPATH}}")
 
 
