@@ -3,20 +3,26 @@
     python -m halludpo.report
 
 summary.json: {"experiment", "rounds": [{"round", "model", "chair": {chair_s, chair_i, recall, len},
-"pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}}]}; fractions in 0-1.
+"pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}, "train": train_stats.json without timings}]};
+fractions in 0-1. No timings (they are in the rule benchmarks): the same config gives the same bytes.
+
+mlflow_runs.json: the MLflow run ids ({"logged": true, "tracking_uri", "experiment_id", "config_hash",
+"parent_run_id", "rounds": {k: run id}}) or why nothing was logged ({"logged": false, "reason"}).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from halludpo import paths
-from halludpo.config import flatten, stage_main, to_plain
+from halludpo.config import stage_main, to_plain
 from halludpo.io import atomic_path, read_json, read_jsonl, write_json, write_text
-from halludpo.tracking import log_experiment, tracking_uri
+from halludpo.tracking import NOT_LOGGED, TrackingError, log_experiment, run_identity, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +108,57 @@ def by_sentence_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def track(cfg: DictConfig, summary: dict, curves: dict[int, list[dict]] | None = None) -> dict | None:
-    """Log to MLflow; on failure say so and return None (summary.json stays the truth)."""
-    if not cfg.tracking.enabled:
-        return None
-    uri = tracking_uri(cfg.tracking.tracking_uri)
+CONSOLE_FD = "HALLUDPO_CONSOLE_FD"  # rule summarize hands the stage Snakemake's stderr as this file descriptor
+TIMING_KEYS = ("train_seconds",)  # timings stay in the benchmarks files: the same config gives the same summary
+
+
+def tell_console(level: int, message: str) -> None:
+    """Log message and write it as one line where the user sees it: the file descriptor named by
+    HALLUDPO_CONSOLE_FD (the rule's stderr, which Snakemake shows, while stderr goes to the rule's log)."""
+    log.log(level, "%s", message)
+    fd = os.environ.get(CONSOLE_FD)
+    if fd:
+        try:
+            os.write(int(fd), (message + "\n").encode("utf-8"))
+        except (OSError, ValueError):
+            pass  # no such descriptor: the log has the line
+
+
+def track(cfg: DictConfig, summary: dict, curves: dict[int, list[dict]] | None = None) -> dict:
+    """Log the experiment to MLflow (runs found again, never added twice) and return the run ids; TrackingError
+    (one line) when the store cannot be reached or fails."""
     artifacts = {r["round"]: [paths.chair_json(cfg, r["round"]), paths.pope_json(cfg, r["round"])]
                  for r in summary["rounds"]}
+    return log_experiment(tracking_uri(cfg.tracking.tracking_uri), run_identity(to_plain(cfg)),
+                          cfg.tracking.artifact_location, summary["rounds"], artifacts, curves,
+                          plot=paths.rounds_plot(cfg))
+
+
+def track_or_report(cfg: DictConfig, summary: dict, curves: dict[int, list[dict]]) -> dict:
+    """mlflow_runs.json's content: the run ids ({"logged": true, ...}) or why nothing was logged
+    ({"logged": false, "reason"}), never an earlier run's ids. An unreachable or failing store exits the stage with
+    one line, unless tracking.required=false, which says once that nothing was logged."""
+    if not cfg.tracking.enabled:
+        return {"logged": False, "reason": "tracking.enabled=false"}
     try:
-        return log_experiment(uri, cfg.experiment_name, cfg.tracking.artifact_location, flatten(to_plain(cfg)),
-                              summary["rounds"], artifacts, curves, plot=paths.rounds_plot(cfg))
-    except Exception as err:  # noqa: BLE001 - any tracking failure must not fail the pipeline
-        log.warning("MLflow tracking at %s failed (%s: %s); results are in %s", uri, type(err).__name__, err,
-                    paths.summary_json(cfg))
-        return None
+        return {"logged": True} | track(cfg, summary, curves)
+    except TrackingError as err:
+        if cfg.tracking.get("required", True):
+            write_runs_file(cfg, {"logged": False, "reason": str(err)})
+            tell_console(logging.ERROR, f"summarize: {err}; set tracking.required=false to finish without MLflow")
+            sys.exit(1)
+        tell_console(logging.WARNING, f"summarize: {NOT_LOGGED} (tracking.required=false): {err}; the results are "
+                                      f"in {paths.summary_json(cfg)}")
+        return {"logged": False, "reason": str(err)}
+
+
+def write_runs_file(cfg: DictConfig, content: dict) -> None:
+    write_json(paths.summary_json(cfg).parent / "mlflow_runs.json", content)
+
+
+def without_timings(stats: dict) -> dict:
+    """train_stats.json without its timings (TIMING_KEYS)."""
+    return {k: v for k, v in stats.items() if k not in TIMING_KEYS}
 
 
 def run(cfg: DictConfig) -> None:
@@ -125,7 +168,7 @@ def run(cfg: DictConfig) -> None:
     for row in rows[:-1]:
         stats_file = paths.train_dir(cfg, row["round"]) / "train_stats.json"
         if stats_file.is_file():
-            row["train"] = read_json(stats_file)
+            row["train"] = without_timings(read_json(stats_file))
     summary = build_summary(cfg.experiment_name, rows)
     out = paths.summary_json(cfg)
     write_json(out, summary)
@@ -133,9 +176,7 @@ def run(cfg: DictConfig) -> None:
     write_text(out.parent / "summary.md", markdown_table(summary)
                + (f"\nCHAIR_i by sentence position (hallucinated / mentions):\n\n{by_sentence}" if by_sentence else ""))
     plot_rounds(summary, paths.rounds_plot(cfg))
-    ids = track(cfg, summary, curves)
-    if ids:
-        write_json(out.parent / "mlflow_runs.json", ids)
+    write_runs_file(cfg, track_or_report(cfg, summary, curves))
     log.info("summary -> %s\n%s", out, markdown_table(summary))
 
 

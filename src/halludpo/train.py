@@ -41,6 +41,7 @@ from halludpo.scoring import (
     segment_names,
     segment_specs,
 )
+from halludpo.tracking import training_callbacks  # MLflow: live training curves
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +279,9 @@ def loss_params(train: dict) -> dict:
 
 
 def train_preference(model, processor, rows: list[dict], out_dir: str | Path, train: dict, model_path: str,
-                     source: str = "pairs") -> dict:
-    """LoRA preference optimisation of model on rows; saves the adapter to out_dir/adapter. Returns stats."""
+                     source: str = "pairs", callbacks: list | None = None) -> dict:
+    """LoRA preference optimisation of model on rows; saves the adapter to out_dir/adapter. Returns stats.
+    callbacks: extra transformers TrainerCallbacks (MLflow: the live training curve)."""
     out_dir = Path(out_dir)
     warn_off_policy(rows, model_path)
     if train["reference"] == "online":
@@ -296,7 +298,7 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
     trainer = PreferenceTrainer(
         model=model, args=training_arguments(out_dir / "trainer", train, len(dataset)), train_dataset=dataset,
         data_collator=PairCollator(processor.tokenizer.pad_token_id), loss_name=train["loss"], beta=train["beta"],
-        sft_weight=train["sft_weight"], loss_params=loss_params(train),
+        sft_weight=train["sft_weight"], loss_params=loss_params(train), callbacks=callbacks,
     )
     result = trainer.train()
     warn_early_saturation(trainer.accuracy_history)
@@ -347,7 +349,8 @@ def run(cfg: DictConfig) -> None:
             raise InputError(f"{source}: no preference pairs to train on")
         model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
         out_dir = paths.train_dir(cfg, k)
-        stats = train_preference(model, processor, rows, out_dir, train, model_path, str(source))
+        stats = train_preference(model, processor, rows, out_dir, train, model_path, str(source),
+                                 callbacks=training_callbacks(cfg))  # MLflow: curves to round k's child run
         if PartialState().is_main_process:  # `accelerate launch` on several GPUs: one writer
             write_jsonl(out_dir / "train_log.jsonl", stats.pop("history"))
             write_json(out_dir / "train_stats.json", stats)

@@ -1,5 +1,11 @@
+# Rule summarize's stderr goes to its log; the stage's few lines for the user (tracking failed, or nothing was
+# logged) go to file descriptor 3 as well, which is Snakemake's stderr (halludpo.report.tell_console).
+CONSOLE = "HALLUDPO_CONSOLE_FD=3 "
+
+
 rule summarize:
-    """summary.json (one row per model_k) and the MLflow parent run with a child run per round."""
+    """summary.json (one row per model_k) and the MLflow parent run with a child run per round (found again on a
+    rerun, not added). A tracking store that cannot be reached fails it with one line unless tracking.required=false."""
     input:
         code=[SRC / "report.py", SRC / "tracking.py"],
         chair=expand(rules.evaluate.output.chair, k=ROUNDS),
@@ -16,7 +22,7 @@ rule summarize:
     log:
         EXP / "logs" / "summarize.log",
     shell:
-        stage("report", "summarize") + " > {log} 2>&1"
+        CONSOLE + stage("report", "summarize") + " 3>&2 > {log} 2>&1"
 
 
 # Comparison across experiments: `snakemake --cores 1 compare [--config compare="[toy_apasi,toy_mdpo]"]` after each
