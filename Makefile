@@ -1,9 +1,11 @@
 # Two commands on a fresh machine:  make run   (set up + default pipeline)   make test   (set up + tests)
+# Another experiment (configs/experiment/):  make run EXPERIMENT=toy_sentinel
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 CORES ?= 2
+EXPERIMENT ?=
 
 .PHONY: setup run test clean slurm-profile slurm-deps
 
@@ -20,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES)$(if $(EXPERIMENT), --config experiment=$(EXPERIMENT))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -26,10 +26,19 @@ def test_gradient_raises_chosen_and_lowers_rejected():
     assert policy.grad[0, 0].item() == pytest.approx(-0.25)  # -beta * sigmoid(0) = -0.25
 
 
-def test_cdpo_formula_is_dpo_and_registry_names_losses():
+def test_cdpo_hand_computed_and_registry_names_losses():
+    # C-DPO = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]), beta 0.5:
+    # pair 1: r(y_w) = -4 - (-6) = 2, r(y_l) = -9 - (-8) = -1 -> margin 3 -> -log sigmoid(1.5) = log(1 + e^-1.5)
+    # pair 2: r(y_w) = -3 - (-2) = -1, r(y_l) = -7 - (-9) = 2 -> margin -3 -> -log sigmoid(-1.5) = log(1 + e^1.5)
+    policy = torch.tensor([[-4.0, -3.0], [-9.0, -7.0]])
+    reference = torch.tensor([[-6.0, -2.0], [-8.0, -9.0]])
+    expected = [math.log(1 + math.exp(-1.5)), math.log(1 + math.exp(1.5))]
+    for losses, chosen, rejected in (context_dpo(policy, reference, beta=0.5),
+                                     preference_loss("cdpo", policy, reference, beta=0.5)):
+        assert losses.tolist() == pytest.approx(expected)
+        assert chosen.tolist() == pytest.approx([1.0, -0.5])  # beta * r(y_w)
+        assert rejected.tolist() == pytest.approx([-0.5, 1.0])  # beta * r(y_l)
     policy, reference = torch.randn(2, 4), torch.randn(2, 4)
-    for a, b in zip(context_dpo(policy, reference, 0.1), sigmoid_dpo(policy, reference, 0.1)):
-        assert torch.equal(a, b)
     assert torch.equal(preference_loss("sigmoid", policy, reference, beta=0.1)[0], sigmoid_dpo(policy, reference)[0])
     with pytest.raises(ValueError, match="unknown preference loss 'ipo'; valid: cdpo, mdpo, sigmoid, symmpo"):
         preference_loss("ipo", policy, reference)

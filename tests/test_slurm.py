@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 GPU_RULES = {"pretrain_base", "generate", "inject", "sentinel", "contrast_embeddings", "reference_logps", "dpo",
              "evaluate"}
 CPU_RULES = {"render", "prepare", "pope_questions", "contrast", "mix_pairs", "train_verifiers", "merge", "summarize",
-             "compare", "download"}
+             "compare", "download", "verify"}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -107,7 +107,7 @@ def test_profile_dry_run_gives_gpus_to_model_rules_only(tmp_path, experiment):
                 assert "gpu" not in res and "gres" not in res, (rule, res)
                 assert res["slurm_partition"] == "cpu_q", (rule, res)
     dpo = jobs["dpo"][0]["shell"]
-    assert " python -m halludpo.train round=0 step=dpo " in dpo and "accelerate" not in dpo
+    assert " -m halludpo.train round=0 step=dpo " in dpo and "accelerate" not in dpo
 
 
 def test_make_slurm_profile_installs_the_user_profile(tmp_path):
@@ -133,8 +133,8 @@ def test_make_slurm_profile_installs_the_user_profile(tmp_path):
 def test_dpo_on_one_gpu_or_cpu_keeps_its_command(tmp_path):
     """The command text of rule dpo is what Snakemake compares to decide reruns: unchanged unless dpo has > 1 GPU."""
     local = planned_jobs(snakemake(tmp_path, "-n", "-p", "--cores", "2").stdout)["dpo"][0]["shell"]
-    assert re.fullmatch(r"OMP_NUM_THREADS=2 MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
-                        r"PYTHONPATH=\S+ python -m "
+    assert re.fullmatch(r"OMP_NUM_THREADS=2 (\S+=\S+ )*MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
+                        r"PYTHONPATH=\S+ \S*python\S* -m "
                         r"halludpo\.train round=0 step=dpo \S.* hydra\.run\.dir=\S+/dpo_round0_stepdpo "
                         r"hydra\.job\.chdir=false > \S+/dpo_r0\.log 2>&1", local), local
     one = planned_jobs(snakemake(tmp_path, "-n", "-p", "--cores", "2", "--set-resources", "dpo:gpu=1").stdout)
@@ -148,7 +148,8 @@ def test_dpo_on_several_gpus_launches_accelerate(tmp_path):
     jobs = planned_jobs(plan.stdout)
     dpo = jobs["dpo"][0]
     assert dpo["resources"]["gpu"] == "4"
-    assert re.match(r"OMP_NUM_THREADS=\$\(\( \(8 \+ 4 - 1\) / 4 \)\) MKL_DYNAMIC=FALSE .* accelerate launch "
+    assert re.match(r"OMP_NUM_THREADS=\$\(\( \(8 \+ 4 - 1\) / 4 \)\) (\S+=\S+ )*MKL_DYNAMIC=FALSE .* "
+                    r"-m accelerate\.commands\.launch "
                     r"--config_file \S+/configs/accelerate/multi_gpu\.yaml --num_processes 4 "
                     r"--main_process_port \$\(\(29500 \+ \$\{SLURM_JOB_ID:-0\} % 20000\)\) -m halludpo\.train "
                     r"round=0 step=dpo ", dpo["shell"]), dpo["shell"]

@@ -116,6 +116,15 @@ def per_round(schedule, k: int, name: str = "schedule"):
     return schedule[min(k, len(schedule) - 1)]
 
 
+ROUND_SEED_STRIDE = 1000  # seeds of consecutive rounds lie this far apart: seed s, round 1 is not seed s+1, round 0
+
+
+def round_seed(cfg: DictConfig, k: int) -> int:
+    """Round k's seed, the one rule every stage derives its per-round randomness from (which images are described
+    or sampled, injection plans, mixing): cfg.seed + ROUND_SEED_STRIDE * k, new samples every round."""
+    return int(cfg.seed) + ROUND_SEED_STRIDE * k
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form (MLflow params are strings)."""
     flat: dict[str, object] = {}

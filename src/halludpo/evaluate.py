@@ -52,6 +52,13 @@ def chair_scorer(vocabulary: str | Path, compounds: str, text_pipeline: str) -> 
     raise ValueError(f"data.compounds={compounds!r}; valid: coco, vocabulary")
 
 
+def object_scorer(cfg: DictConfig) -> ChairScorer:
+    """The one object finder of the metric and the pairs: chair_scorer of the config's data.vocabulary,
+    data.compounds and eval.chair.text_pipeline. CHAIR, APASI and SENTINEL all use it, so they count the same
+    objects in a text."""
+    return chair_scorer(cfg.data.vocabulary, cfg.data.compounds, cfg.eval.chair.text_pipeline)
+
+
 def evaluate_chair(generations_path: str | Path, instances_path: str | Path, captions_path: str | Path | None,
                    scorer: ChairScorer) -> dict:
     """CHAIR_s, CHAIR_i, recall, len of a generations file, with per-item records and the protocol."""
@@ -153,7 +160,7 @@ def run(cfg: DictConfig) -> None:
     if cfg.step != "main":
         raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, main")
     k = cfg.round
-    scorer = chair_scorer(cfg.data.vocabulary, cfg.data.compounds, cfg.eval.chair.text_pipeline)
+    scorer = object_scorer(cfg)
     chair = evaluate_chair(paths.eval_generations(cfg, k), cfg.data.eval_instances, cfg.data.eval_captions, scorer)
     chair["round"] = k
     model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype)

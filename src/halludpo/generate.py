@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from halludpo import paths
-from halludpo.config import stage_main, to_plain
+from halludpo.config import round_seed, stage_main, to_plain
 from halludpo.inference import decoding_kwargs, generate_texts
 from halludpo.io import InputError, read_json, write_jsonl
 from halludpo.models import load_model_and_processor
@@ -82,7 +82,7 @@ def run(cfg: DictConfig) -> None:
         out = paths.eval_generations(cfg, k)
     elif cfg.split == "gen":  # round k's raw material for preference pairs, on the unlabelled images
         gen = cfg.method.generation
-        seed = cfg.seed + 1000 * k  # new samples every round when sampling
+        seed = round_seed(cfg, k)  # new images and samples every round
         images = select_images(cfg.data.gen_instances, gen.n_images, seed)
         prompts = gen.prompts if isinstance(gen.prompts, str) else list(gen.prompts)
         images_dir, generation = cfg.data.gen_images, to_plain(gen.decoding)

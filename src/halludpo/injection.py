@@ -392,8 +392,12 @@ def _verified_objects(verdict: dict[str, tuple[bool, bool]] | None) -> tuple[set
     return ({o for o, (a, b) in verdict.items() if a and b}, {o for o, (a, b) in verdict.items() if not (a or b)})
 
 
-def _plannable(response: str, rate: float, skip: int) -> bool:
+def _plannable(response: str, rate: float, skip: int, mode: str) -> bool:
+    """Enough sentences to inject at, as inject() decides: mode "append" needs a sentence past the first `skip`
+    (whatever the rate), the other modes n_to_replace(n, rate) sentences at index >= skip."""
     n = len(split_sentences(response))
+    if mode == "append":
+        return n > skip
     k = n_to_replace(n, rate)
     return k is not None and n - skip >= k
 
@@ -543,7 +547,7 @@ def build_apasi_pairs(generations: list[dict], objects_of: Callable[[str], set[s
                 stats["skipped_all_dropped"] += 1
                 continue
             gen = gen | {"response": response, "dropped_sentences": dropped}
-        if not _plannable(gen["response"], rate, skip):
+        if not _plannable(gen["response"], rate, skip, mode):
             stats["skipped_rate"] += 1
             continue
         result = inject(gen["response"], objects_of, co_freq, vocabulary, rate, skip, mode, templates, rng, top_k,

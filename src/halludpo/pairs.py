@@ -19,12 +19,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from halludpo import paths
-from halludpo.config import per_round, stage_main, to_plain
+from halludpo.config import per_round, round_seed, stage_main, to_plain
+from halludpo.evaluate import object_scorer
 from halludpo.generate import select_images
 from halludpo.injection import MODES, PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter, build_apasi_pairs
 from halludpo.io import InputError, read_json, read_jsonl, write_json, write_jsonl
-from halludpo.metrics.chair import ChairScorer, load_synonyms
-from halludpo.metrics.text import get_text_pipeline
 from halludpo.mixing import apasi_verifies, method_settings, mix_pairs, pair_methods
 from halludpo.models import load_model_and_processor
 
@@ -55,11 +54,11 @@ def templates_for(choice: str, data_kind: str) -> list[str]:
     return list(TOY_TEMPLATES if choice == "toy" else PAPER_TEMPLATES)
 
 
-def object_finder(vocabulary_path: str, text_pipeline: str):
-    """text -> set of vocabulary categories, with CHAIR's matching (compounds, synonyms, lemmas)."""
-    synonyms = load_synonyms(vocabulary_path)
-    scorer = ChairScorer.for_vocabulary(synonyms, get_text_pipeline(text_pipeline))
-    return lambda text: set(scorer.categories(text)), sorted(set(synonyms.values()))
+def object_finder(cfg: DictConfig):
+    """(text -> set of vocabulary categories, the sorted categories): APASI's view of the evaluation's
+    object_scorer, so the injected and kept objects are those CHAIR counts."""
+    scorer = object_scorer(cfg)
+    return lambda text: set(scorer.categories(text)), sorted(set(scorer.synonyms.values()))
 
 
 def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
@@ -68,7 +67,7 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     generations = read_jsonl(source, required=GENERATION_FIELDS)
     if not generations:
         raise InputError(f"{source}: no generations")
-    objects_of, vocabulary = object_finder(cfg.data.vocabulary, cfg.eval.chair.text_pipeline)
+    objects_of, vocabulary = object_finder(cfg)
     model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype)
     completer = TextOnlyCompleter(model, processor, generations[0]["prompt"],
                                   max_new_tokens=method.completion.max_new_tokens,
@@ -84,7 +83,7 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
         verdicts = verify_images(decide, generations, vocabulary)
     rows, stats = build_apasi_pairs(generations, objects_of, vocabulary, completer, rate=rate, skip=method.skip,
                                     mode=mode, templates=templates_for(method.templates, cfg.data.kind),
-                                    seed=cfg.seed + k, top_k=method.top_k, verdicts=verdicts,
+                                    seed=round_seed(cfg, k), top_k=method.top_k, verdicts=verdicts,
                                     verify_injected=bool(verify.get("injected")),
                                     verify_chosen=bool(verify.get("chosen")),
                                     verify_complete=bool(verify.get("complete")),
@@ -152,24 +151,24 @@ def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     """SENTINEL (rule sentinel): model_k grows each description sentence by sentence from n sampled sentences per
     step, objects through the CHAIR text pipeline, two verifiers cross-check them; pairs at the first hallucinated
     sentence with the faithful context before it."""
-    from halludpo.evaluate import chair_scorer
     from halludpo.inference import SentenceSampler
     from halludpo.sentinel import build_sentinel_pairs, object_extractor, sample_contexts
 
     sampling = method.sampling
-    seed = cfg.seed + 1000 * k  # new samples every round
+    seed = round_seed(cfg, k)  # new images and samples every round
     model_path = paths.model_dir(cfg, k)
     items = sentinel_items(method, k, seed, str(model_path))
     if not items:
         raise InputError(f"{method.instances}: no images")
-    objects_of = object_extractor(chair_scorer(cfg.data.vocabulary, cfg.data.compounds, cfg.eval.chair.text_pipeline))
+    scorer = object_scorer(cfg)
+    objects_of = object_extractor(scorer)
     decide = verifier_decide_fn(cfg, method.instances)
     model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
     sampler = SentenceSampler(model, processor, n=sampling.n, temperature=sampling.temperature,
                               max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p, seed=seed,
                               desc=f"sentinel r{k}")
     stop_pairs = bool(method.get("stop_pairs", False))
-    all_objects = sorted(set(load_synonyms(cfg.data.vocabulary).values())) if stop_pairs else None
+    all_objects = sorted(set(scorer.synonyms.values())) if stop_pairs else None
     try:
         trajectories = sample_contexts(sampler, items, sampling.n, sampling.max_steps, objects_of, decide,
                                        seed=seed, batch_size=sampling.batch_size, all_objects=all_objects)
@@ -206,7 +205,7 @@ def run(cfg: DictConfig) -> None:
         BUILDERS[cfg.step](cfg, k, method_settings(cfg.method, cfg.step), paths.method_pairs_jsonl(cfg, k, cfg.step))
     elif cfg.step == "mix" and len(methods) > 1:
         by_method = {m: read_jsonl(paths.method_pairs_jsonl(cfg, k, m)) for m in methods}
-        rows, stats = mix_pairs(by_method, to_plain(cfg.method.mix), cfg.seed + k)
+        rows, stats = mix_pairs(by_method, to_plain(cfg.method.mix), round_seed(cfg, k))
         if not rows:
             raise InputError(f"round {k}: the mix took no pair ({stats}); check method.mix weights and caps")
         out = paths.pairs_jsonl(cfg, k)

@@ -84,7 +84,7 @@ def append_sentence(context: str, sentence: str) -> str:
 
 def sentence_objects(scorer: ChairScorer, sentence: str) -> list[str]:
     """Distinct CHAIR categories mentioned in the sentence, in order of first mention. Build the scorer as the
-    evaluation does (halludpo.evaluate.chair_scorer: same vocabulary, compounds and text pipeline), so pairs and
+    evaluation does (halludpo.evaluate.object_scorer: same vocabulary, compounds and text pipeline), so pairs and
     CHAIR count objects identically."""
     return list(dict.fromkeys(scorer.categories(sentence)))
 

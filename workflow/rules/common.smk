@@ -7,9 +7,12 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from omegaconf import OmegaConf
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from stage_code import module_sources, stage_interpreter
 from halludpo import determinism, paths
 from halludpo.config import ConfigError, compose, normalize_overrides, to_plain
 
@@ -46,15 +49,34 @@ STAGE_ENV = (determinism.shell_exports() + " MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE
              "PYTHONPATH={SRC_PATH}${{PYTHONPATH:+:$PYTHONPATH}}")
 
 
+def uses_conda():
+    """Snakemake runs the rules in their conda envs (--sdm conda, --use-conda); spawned jobs (SLURM) get the same
+    deployment method on their command line, so they agree."""
+    settings = getattr(workflow, "deployment_settings", None)
+    return settings is not None and DeploymentMethod.CONDA in settings.deployment_method
+
+
+# The stage commands' interpreter (shell templates name it {PYTHON}): the one running Snakemake, so
+# `.venv/bin/snakemake` works without an activated venv; `python` of the rule's conda env under conda deployment.
+PYTHON = stage_interpreter(sys.executable, uses_conda())
+
+
 def stage(module, rule_name, **settings):
     """Shell command template that runs a stage as a Hydra app with the user's overrides and this rule's settings.
 
-    Setting values may be wildcards ("{wildcards.k}"); the overrides come from OVERRIDE_ARGS at run time.
+    Setting values may be wildcards ("{wildcards.k}"); the overrides come from OVERRIDE_ARGS at run time, the
+    interpreter from PYTHON (a global too, so the command text Snakemake compares does not name a machine's path).
     """
     args = " ".join(f"{k}={v}" for k, v in settings.items())
     run_dir = "{HYDRA_DIR}/" + rule_name + "".join(f"_{k}{v}" for k, v in settings.items())
-    return (STAGE_ENV + f" python -m halludpo.{module} {args} "
+    return (STAGE_ENV + f" {{PYTHON}} -m halludpo.{module} {args} "
             f"{{OVERRIDE_ARGS}} hydra.run.dir={run_dir} hydra.job.chdir=false")
+
+
+def code(module):
+    """A rule's code input: the .py files stage `halludpo.<module>` runs, its imports followed transitively
+    within src/halludpo (workflow/stage_code.py), so editing any of them reruns the rule."""
+    return module_sources(f"halludpo.{module}", SRC.parent)
 
 
 def subtree(*keys):

@@ -7,7 +7,7 @@ CONTRAST_JSONL = str(EXP / "round_{k}" / "pairs" / "contrast.jsonl")
 rule contrast_embeddings:
     """SymMPO (kind=neighbour): model_k's pooled image features of the round's pair images, once per round."""
     input:
-        code=[SRC / "contrast.py"],
+        code=code("contrast"),
         pairs=PAIRS_JSONL,
         model=model_marker,
     output:
@@ -31,7 +31,7 @@ rule contrast:
     """contrast.jsonl = the pairs + contrast_image_path (+ chosen_contrast for SymMPO); transformed images are
     stored once per example under contrast_images/, so reference and policy score the same image."""
     input:
-        code=[SRC / "contrast.py"],
+        code=code("contrast"),
         pairs=PAIRS_JSONL,
         embeddings=rules.contrast_embeddings.output if CFG.contrast.kind == "neighbour" else [],
     output:

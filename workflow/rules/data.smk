@@ -12,7 +12,7 @@ if CFG.data.kind == "toy":
     rule render:
         """The toy world: images, COCO instances and captions per split, vocabulary."""
         input:
-            code=SRC / "toyworld.py",
+            code=code("data"),
         output:
             marker=str(paths.data_done(CFG)),
             train=CFG.data.train_instances,
@@ -35,7 +35,7 @@ elif CFG.data.kind == "coco":
         """COCO: detail-23k's COCO 2017 train images (+ their prompts) as the gen split; OPERA's 500 val2014 images
         with their instances and captions as the eval split; POPE's released question files; COCO synonyms."""
         input:
-            code=SRC / "data.py",
+            code=code("data"),
             downloads=download.marker_paths(CFG.download, CFG.data.downloads),
         output:
             marker=str(paths.data_done(CFG)),

@@ -8,7 +8,7 @@ if not RELEASED_POPE:
     rule pope_questions:
         """POPE question files (random / popular / adversarial) from the evaluation annotations."""
         input:
-            code=SRC / "metrics" / "pope.py",
+            code=code("evaluate"),
             instances=CFG.data.eval_instances,
         output:
             [str(paths.pope_questions(CFG, s)) for s in CFG.eval.pope.splits],
@@ -25,7 +25,7 @@ if not RELEASED_POPE:
 rule evaluate:
     """CHAIR on model_k's descriptions, POPE by asking model_k."""
     input:
-        code=[SRC / "evaluate.py", SRC / "metrics" / "chair.py"],
+        code=code("evaluate"),
         generations=str(EXP / "round_{k}" / "generate" / "eval.jsonl"),
         questions=POPE_QUESTIONS,
         model=model_marker,

@@ -7,7 +7,7 @@ GENERATE_CONFIG = {
 rule generate:
     """model_k describes images: split eval (CHAIR prompt and decoding) or gen (unlabelled images, for pairs)."""
     input:
-        code=SRC / "generate.py",
+        code=code("generate"),
         model=model_marker,
         instances=lambda w: CFG.data.eval_instances if w.split == "eval" else CFG.data.gen_instances,
     output:

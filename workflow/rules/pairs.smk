@@ -44,8 +44,7 @@ if "apasi" in PAIR_METHODS:
     rule inject:
         """APASI: hallucinations injected into model_k's own descriptions, completed by model_k without the image."""
         input:
-            code=[SRC / "pairs.py", SRC / "injection.py", SRC / "mixing.py", SRC / "detectors.py",
-                  SRC / "inference.py"],
+            code=code("pairs"),
             generations=str(EXP / "round_{k}" / "generate" / "gen.jsonl"),
             model=model_marker,
             vocabulary=CFG.data.vocabulary,
@@ -75,8 +74,7 @@ if USES_SENTINEL:
         """SENTINEL: model_k samples sentence by sentence; two verifiers label each sentence's objects; pairs at the
         first hallucinated sentence, with the faithful context before it."""
         input:
-            code=[SRC / "pairs.py", SRC / "sentinel.py", SRC / "inference.py", SRC / "verifiers.py",
-                  SRC / "detectors.py"],
+            code=code("pairs"),
             model=model_marker,
             instances=SENTINEL_CFG.instances,
             vocabulary=CFG.data.vocabulary,
@@ -102,7 +100,7 @@ if MIXED:
     rule mix_pairs:
         """A mixed method: the methods' pairs of round k concatenated, each weighted and capped (method.mix)."""
         input:
-            code=[SRC / "pairs.py", SRC / "mixing.py"],
+            code=code("pairs"),
             pairs=[str(EXP / "round_{k}" / "pairs" / m / "pairs.jsonl") for m in PAIR_METHODS],
         output:
             str(EXP / "round_{k}" / "pairs" / "pairs.jsonl"),

@@ -8,7 +8,7 @@ if CFG.model.family == "toy":
     rule pretrain_base:
         """model_0 for the toy family: a tiny LLaVA trained from scratch on the toy world's training split."""
         input:
-            code=SRC / "pretrain.py",
+            code=code("pretrain"),
             data=str(paths.data_done(CFG)),
         output:
             config=str(paths.model_marker(CFG, 0)),

@@ -7,7 +7,7 @@ rule reference_logps:
     """Summed log-probs of every scored segment of train.loss under model_k (chosen and rejected with the image,
     plus the contrast segments of mDPO / SymMPO): computed once per round."""
     input:
-        code=[SRC / "train.py", SRC / "scoring.py"],
+        code=code("train"),
         pairs=SCORED_PAIRS,
         model=model_marker,
     output:
@@ -44,25 +44,31 @@ ACCELERATE_CONFIG = shlex.quote(str(Path(workflow.basedir) / "configs" / "accele
 
 
 def dpo_command():
-    """One process (`python -m halludpo.train`) for CPU or one GPU -- the command text rule dpo always had, so
-    existing results do not rerun -- and `accelerate launch` with one process per GPU when the rule has more
-    (data parallel; train.deepspeed=configs/deepspeed/zero2.json or zero3.json shards it with DeepSpeed ZeRO).
-    The port comes from the SLURM job id, so two multi-GPU jobs on one node do not collide."""
+    """One process (`{PYTHON} -m halludpo.train`) for CPU or one GPU -- the command text of every other stage --
+    and accelerate's launcher (`accelerate launch`, run by the same interpreter) with one process per GPU when the
+    rule has more (data parallel; train.deepspeed=configs/deepspeed/zero2.json or zero3.json shards it with
+    DeepSpeed ZeRO). The port comes from the SLURM job id, so two multi-GPU jobs on one node do not collide."""
     command = "OMP_NUM_THREADS={threads} " + stage("train", "dpo", round="{wildcards.k}", step="dpo") + " > {log} 2>&1"
     if dpo_gpus() == 1:
         return command
-    launch = ("accelerate launch --config_file {ACCELERATE_CONFIG} --num_processes {resources.gpu} "
-              "--main_process_port $((29500 + ${{SLURM_JOB_ID:-0}} % 20000)) -m halludpo.train")
+    launch = ("{PYTHON} -m accelerate.commands.launch --config_file {ACCELERATE_CONFIG} "
+              "--num_processes {resources.gpu} --main_process_port $((29500 + ${{SLURM_JOB_ID:-0}} % 20000)) "
+              "-m halludpo.train")
     threads = "OMP_NUM_THREADS=$(( ({threads} + {resources.gpu} - 1) / {resources.gpu} )) "  # per process
-    assert command.count("python -m halludpo.train") == 1
-    return threads + command.removeprefix("OMP_NUM_THREADS={threads} ").replace("python -m halludpo.train", launch)
+    assert command.count("{PYTHON} -m halludpo.train") == 1
+    return threads + command.removeprefix("OMP_NUM_THREADS={threads} ").replace("{PYTHON} -m halludpo.train", launch)
+
+
+# What rule dpo reads: the scored pairs with model_k's stored log-probs (train.reference=stored), or the scored pairs
+# themselves (online: the trainer scores the reference with the adapter disabled; rule reference_logps never runs).
+DPO_PAIRS = SCORED_PAIRS if CFG.train.reference == "online" else rules.reference_logps.output[0]
 
 
 rule dpo:
     """LoRA preference optimisation of model_k on round k's pairs (transformers.Trainer + halludpo.losses)."""
     input:
-        code=[SRC / "train.py", SRC / "losses.py", SRC / "scoring.py"],
-        pairs=rules.reference_logps.output[0],
+        code=code("train"),
+        pairs=DPO_PAIRS,
         model=model_marker,
     output:
         adapter=str(EXP / "round_{k}" / "train" / "adapter" / "adapter_config.json"),
@@ -84,7 +90,7 @@ rule dpo:
 rule merge:
     """model_{k+1} = model_k + round k's LoRA, merged and saved in full (safetensors)."""
     input:
-        code=SRC / "train.py",
+        code=code("train"),
         adapter=rules.dpo.output.adapter,
         model=model_marker,
     output:

@@ -16,7 +16,7 @@ if NEEDS_VERIFIERS:
     rule train_verifiers:
         """Verifiers A and B (verifier.kinds) on the training split's annotations; scored on the held-out split."""
         input:
-            code=SRC / "verifiers.py",
+            code=code("verifiers"),
             data=str(paths.data_done(CFG)),
         output:
             str(paths.verifiers_marker(CFG)),
