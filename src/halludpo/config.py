@@ -146,10 +146,12 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     """Wrap `run(cfg)` as the stage's Hydra app: `python -m halludpo.<stage> round=1 key=value ...`.
 
     Hydra parses the command line; version_base 1.3 keeps the working directory (outputs are relative paths).
-    Errors a user can fix (bad input, bad config) print one line and exit 1 instead of a traceback.
+    Errors a user can fix (bad input, bad config) print one line and exit 1 instead of a traceback. After a
+    successful run, the files it wrote are listed with their sha256 in a manifest (halludpo.manifest).
     """
     import hydra
 
+    from halludpo import manifest
     from halludpo.io import InputError
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -158,9 +160,13 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
         setup_logging()
         try:
             validate(cfg)
+            manifest.start()  # every file the stage writes through halludpo.io is recorded ...
             run(cfg)
+            manifest.finish(cfg, manifest.stage_module(run))  # ... and hashed into its manifest once run succeeds
         except (ConfigError, InputError, FileNotFoundError, ValueError) as err:
             logging.getLogger(run.__module__).error("%s", err)
             sys.exit(1)
+        finally:
+            manifest.stop()
 
     return main

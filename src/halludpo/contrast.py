@@ -41,7 +41,7 @@ from PIL import Image
 
 from omegaconf import DictConfig
 
-from halludpo import paths
+from halludpo import manifest, paths
 from halludpo.config import stage_main, to_plain
 from halludpo.inference import as_image, load_image
 from halludpo.io import InputError, atomic_path, read_jsonl, write_jsonl
@@ -275,6 +275,7 @@ def image_contrast_rows(rows: list[dict], kind: str, out_dir: str | Path, seed: 
         raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+    manifest.record_tree(out_dir)  # the stage's manifest lists every contrast image
     return out
 
 

@@ -5,6 +5,9 @@
 
 An entry is {name, url, sha256, filename, extract}: `sha256` is a hex SHA256 or pooch's `alg:hex` form
 ("md5:..."); `filename` is relative to the root; `extract` is null, zip or tar (unpacked beside the archive).
+An archive is unpacked only if every member is a plain file or folder that stays inside that folder: a link, a
+device file, an absolute path or a '..' path is refused (InputError naming the archive and the member), before
+anything is written.
 Every entry needs a real checksum: null is an error, and "TO-VERIFY" (a file whose checksum no public source
 gives) is refused with a message that says how to fill it in.
 
@@ -13,6 +16,7 @@ HTTP downloader restarts a cut transfer from zero, so this module's downloader k
 `<filename>.part` and asks for the rest with an HTTP Range request on the next try. Offline
 (`download.offline=true`), the files must already be under the root: they are checked, never downloaded.
 A checksum mismatch names the file and both hashes; a bad download is deleted (a user's own file never is).
+The stage's manifest (halludpo.manifest) lists the file, its unpacked files and the marker.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import sys
 import tarfile
 import time
@@ -32,14 +37,15 @@ import pooch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from halludpo import manifest
 from halludpo.config import stage_main, to_plain
-from halludpo.io import write_json
+from halludpo.io import InputError, write_json
 
 log = logging.getLogger(__name__)
 
 UNVERIFIED = "TO-VERIFY"
 ENTRY_KEYS = ("name", "url", "sha256", "filename", "extract")
-EXTRACTORS = {"zip": pooch.Unzip, "tar": pooch.Untar}
+EXTRACT_KINDS = ("zip", "tar")
 HASH_FORM = re.compile(r"^(?:(?P<alg>[a-z0-9]+):)?(?P<hex>[0-9a-fA-F]+)$")
 
 
@@ -70,7 +76,7 @@ def check_entry(entry: Mapping) -> dict:
     if missing:
         raise EntryError(f"download entry {name!r}: missing key(s) {missing}")
     check_hash(name, entry["sha256"], entry["url"])
-    if entry["extract"] not in (None, *EXTRACTORS):
+    if entry["extract"] not in (None, *EXTRACT_KINDS):
         raise EntryError(f"download entry {name!r}: extract must be null, zip or tar, got {entry['extract']!r}")
     filename = PurePosixPath(str(entry["filename"]))
     if filename.is_absolute() or ".." in filename.parts or not filename.parts:
@@ -258,26 +264,98 @@ def download_with_retries(entry: dict, target: Path, progress: bool, retries: in
     raise AssertionError("unreachable")
 
 
+# ---------------------------------------------------------------- extraction
+
+
+def outside_reason(name: str, dest: Path) -> str | None:
+    """Why a member called `name` would be written outside `dest` (absolute, '..', through a link), else None."""
+    if name.startswith("/") or PurePosixPath(name).is_absolute():
+        return "an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "a path outside the target ('..')"
+    if not (dest / name).resolve().is_relative_to(dest.resolve()):
+        return f"a path outside the target {dest}"
+    return None
+
+
+def tar_kind_reason(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member is not a plain file or folder (links and special files are refused), else None."""
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if not (member.isfile() or member.isdir()):
+        return "a device, FIFO or other special file"
+    return None
+
+
+def zip_kind_reason(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member is not a plain file or folder (a symlink stored with its Unix mode), else None."""
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # no type bits: a plain file
+        return "a device, FIFO or other special file"
+    return None
+
+
+def refuse(archive: Path, name: str, reason: str) -> None:
+    raise InputError(f"{archive}: member {name!r} is {reason}; refused to unpack the archive (nothing was extracted)")
+
+
+def check_members(archive: Path, members: list, kind: str) -> list:
+    """The members (TarInfo / ZipInfo), each checked to be a plain file or folder that stays inside the archive's
+    folder; the first that is not raises InputError naming the archive and the member."""
+    kind_reason = zip_kind_reason if kind == "zip" else tar_kind_reason
+    for member in members:
+        name = member.filename if kind == "zip" else member.name
+        reason = kind_reason(member) or outside_reason(name, archive.parent)
+        if reason:
+            refuse(archive, name, reason)
+    return members
+
+
 def archive_members(archive: Path, kind: str) -> list[tuple[str, int]]:
-    """(name, size) of every regular file in a zip or tar archive."""
+    """(name, size) of every regular file in a zip or tar archive, after check_members."""
     if kind == "zip":
         with zipfile.ZipFile(archive) as zf:
-            return [(i.filename, i.file_size) for i in zf.infolist() if not i.is_dir()]
+            return [(i.filename, i.file_size) for i in check_members(archive, zf.infolist(), kind) if not i.is_dir()]
     with tarfile.open(archive) as tf:
-        return [(m.name, m.size) for m in tf.getmembers() if m.isfile()]
+        return [(m.name, m.size) for m in check_members(archive, tf.getmembers(), kind) if m.isfile()]
 
 
-def is_extracted(archive: Path, kind: str) -> bool:
+def is_extracted(archive: Path, members: list[tuple[str, int]]) -> bool:
     """Every file of the archive is beside it with its full size (a cut extraction leaves a short file)."""
     dest = archive.parent
-    return all((dest / n).is_file() and (dest / n).stat().st_size == size for n, size in archive_members(archive, kind))
+    return all((dest / n).is_file() and (dest / n).stat().st_size == size for n, size in members)
+
+
+def extract_archive(archive: Path, kind: str) -> None:
+    """Unpack an archive beside itself once check_members accepts every member. tar also goes through tarfile's
+    "data" filter (Python >= 3.11.4), which refuses the same members and drops set-uid bits and others' write bit."""
+    dest = archive.parent
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest, members=check_members(archive, zf.infolist(), kind))
+        return
+    with tarfile.open(archive) as tf:
+        members = check_members(archive, tf.getmembers(), kind)
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, members=members, filter="data")
+        else:
+            tf.extractall(dest, members=members)
 
 
 def extract(entry: dict, archive: Path, fresh: bool) -> Path:
-    """Unpack the archive beside itself with pooch.Unzip/Untar, unless it already is; return that folder."""
-    if fresh or not is_extracted(archive, entry["extract"]):
+    """Unpack the archive beside itself (extract_archive), unless it already is; return that folder. Its files go
+    into the stage's manifest either way."""
+    kind = entry["extract"]
+    members = archive_members(archive, kind)
+    if fresh or not is_extracted(archive, members):
         log.info("%s: extracting %s", entry["name"], archive)
-        EXTRACTORS[entry["extract"]](extract_dir=".")(str(archive), "download", None)
+        extract_archive(archive, kind)
+    for name, _ in members:
+        manifest.record(archive.parent / name)
     return archive.parent
 
 
@@ -295,6 +373,7 @@ def fetch(entry: Mapping, root: str | os.PathLike, progress: bool = True, offlin
         fresh = False
     else:
         fresh = download_with_retries(entry, target, progress, retries)
+    manifest.record(target)
     return extract(entry, target, fresh) if entry["extract"] else target
 
 
@@ -337,6 +416,7 @@ def run(cfg: DictConfig) -> None:
         log.error("%s", err)
         sys.exit(1)
     for entry in entries:
+        manifest.label(entry["name"])
         path = fetched[entry["name"]]
         write_json(marker_path(dl.done_dir, entry["name"]),
                    {**entry, "path": str(path), "offline": bool(dl.offline)})

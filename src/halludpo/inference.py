@@ -6,23 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from halludpo.io import InputError
+from halludpo.io import load_image  # re-exported: stages import it from here
 from halludpo.models import chat_prompt
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an RGB image; a missing or corrupt file raises InputError naming it."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise InputError(f"{path}: corrupt or unreadable image ({err})") from None
 
 
 def as_image(image: Image.Image | str | Path) -> Image.Image:

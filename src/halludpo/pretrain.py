@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm import tqdm
 
 from halludpo import toyworld
 from halludpo.config import stage_main, to_plain
-from halludpo.io import InputError, read_json, write_json
+from halludpo.io import InputError, load_image, read_json, write_json
 from halludpo.models import IMAGE_TOKEN, build_toy_model, save_model
 
 log = logging.getLogger(__name__)
@@ -208,7 +207,7 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     torch.manual_seed(seed)
     model, processor = build_toy_model(toy_vocabulary(examples), arch, seed)
     n_image_tokens = (arch["image_size"] // arch["patch_size"]) ** 2
-    images = [Image.open(Path(images_dir) / e["file_name"]).convert("RGB") for e in examples]
+    images = [load_image(Path(images_dir) / e["file_name"]) for e in examples]  # decoded now: truncation fails here
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     rng = random.Random(seed)
     n_params = sum(p.numel() for p in model.parameters())

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from halludpo.inference import load_image
+from halludpo.io import InputError, origin
 
 IGNORE = -100
 
@@ -202,13 +203,18 @@ def pair_segments(processor, row: dict, max_length: int, image=None) -> list[dic
     return example_segments(processor, row, "sigmoid", max_length, {row["image_path"]: image} if image is not None else None)
 
 
-def example_images(row: dict, loss: str, images: dict | None = None) -> dict:
-    """{path: PIL image} of every image loss's segments of `row` use, each loaded once (`images` pre-filled)."""
+def example_images(row: dict, loss: str, images: dict | None = None, named_by: str | None = None) -> dict:
+    """{path: PIL image} of every image loss's segments of `row` use, each loaded once (`images` pre-filled).
+    A missing or corrupt image is reported after `named_by`, by default the row's "<file>:<line>" (io.origin)."""
     images = dict(images or {})
+    named_by = named_by or origin(row)
     for _, image_field, _ in segment_specs(loss):
         path = row[image_field]
         if path not in images:
-            images[path] = load_image(path)
+            try:
+                images[path] = load_image(path)
+            except InputError as err:
+                raise (InputError(f"{named_by}: {err}") if named_by else err) from None
     return images
 
 

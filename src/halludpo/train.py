@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 
-from halludpo import paths
+from halludpo import manifest, paths
 from halludpo.config import stage_main, to_plain
 from halludpo.io import InputError, read_jsonl, write_json, write_jsonl
 from halludpo.losses import N_SEGMENTS, loss_terms, preference_loss
@@ -90,7 +90,7 @@ class PairDataset(torch.utils.data.Dataset):
                 raise InputError(f"{where}: loss {loss!r} needs field(s) {missing}"
                                  + (" (build them with the contrast stage)" if "contrast_image_path" in missing
                                     or "chosen_contrast" in missing else ""))
-            images = example_images(row, loss)
+            images = example_images(row, loss, named_by=where)
             segments = example_segments(processor, row, loss, max_length, images)
             if image_token_id is not None:
                 expected = {}
@@ -306,6 +306,7 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
         trainer.save_model(str(out_dir / "adapter"))  # gathers ZeRO-3 shards; the main process writes
     elif trainer.is_world_process_zero():
         model.save_pretrained(out_dir / "adapter")
+    manifest.record_tree(out_dir / "adapter")  # the stage's manifest lists the adapter's files
     history = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.is_world_process_zero():
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from halludpo.config import stage_main
-from halludpo.io import atomic_path, read_json, write_json
+from halludpo.io import atomic_path, load_image, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def image_tensor(images: Sequence[str | os.PathLike | Image.Image], size: int) -
     (bilinear)."""
     arrays = []
     for image in images:
-        img = image if isinstance(image, Image.Image) else Image.open(image)
+        img = image if isinstance(image, Image.Image) else load_image(image)  # decoded now: truncation fails here
         img = img.convert("RGB")
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
