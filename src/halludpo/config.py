@@ -57,19 +57,36 @@ def split_top_level(text: str, separator: str = ",") -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
+def one_line(message: str) -> str:
+    """A Hydra or OmegaConf error message on one line: its lines joined ('; ' unless a line ends a sentence), an
+    indented list after a 'header:' line joined by ', ', the config search path left out."""
+    parts: list[str] = []
+    for raw in str(message).splitlines():
+        line = raw.strip()
+        if line.startswith("Config search path"):
+            break
+        if not line:
+            continue
+        if parts and raw[:1].isspace():
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+        else:
+            parts.append(line)
+    return "".join(part + (" " if part.endswith((".", "!", "?")) else "; ") for part in parts).rstrip("; ")
+
+
 def compose(overrides: Iterable[str] = (), config_dir: str | Path = CONFIG_DIR) -> DictConfig:
-    """Compose configs/config.yaml with overrides; any Hydra error becomes one ConfigError line."""
+    """Compose configs/config.yaml with overrides and validate it; any error becomes a one-line ConfigError that
+    names the setting, not the whole override list."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = list(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except Exception as err:  # Hydra raises several types; users need the message, not the class
-        raise ConfigError(f"invalid config (overrides {overrides}): {err}") from None
+        raise ConfigError(f"invalid config: {one_line(err)}") from None
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
@@ -80,24 +97,20 @@ REQUIRED_GROUPS = ("paths", "data", "model", "method", "train", "eval", "trackin
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks Hydra cannot do: every group present, values resolvable, known model family, sane numbers."""
-    from halludpo.families import check_family
+    """Checks Hydra cannot do: every group present, values resolvable, and every setting of the tree within its type
+    and range and consistent with the others (halludpo.settings). Raises one ConfigError line."""
+    from halludpo.settings import problems, summary
 
     missing = [g for g in REQUIRED_GROUPS if g not in cfg]
     if missing:
         raise ConfigError(f"config group(s) missing: {missing}")
     try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as err:
-        raise ConfigError(f"config value cannot be resolved: {err}") from None
-    try:
-        check_family(cfg.model.family)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if cfg.rounds < 0:
-        raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
-    if not 0 <= cfg.round <= cfg.rounds:
-        raise ConfigError(f"round must be in [0, rounds={cfg.rounds}], got {cfg.round}")
+        raise ConfigError(f"config value cannot be resolved: {one_line(err)}") from None
+    found = problems(tree)
+    if found:
+        raise ConfigError(summary(found))
 
 
 def to_plain(cfg: DictConfig) -> dict:
