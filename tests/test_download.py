@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import threading
@@ -322,3 +323,33 @@ def test_run_fetches_names_and_writes_markers(server, tmp_path):
     marker = marker_path(tmp_path / "done", "z")
     assert OmegaConf.load(marker).path == str(tmp_path / "data" / "z")
     assert (tmp_path / "data/z/data/a.txt").read_bytes() == FILES["data/a.txt"]
+
+
+def test_run_records_the_file_its_members_and_the_marker_for_the_manifest(server, tmp_path, monkeypatch):
+    from halludpo import manifest
+
+    monkeypatch.chdir(tmp_path)
+    e = entry(server, "z", zip_bytes(), "z/z.zip", extract="zip")
+    cfg = OmegaConf.create({"download": {"root": "results/downloads", "done_dir": "results/downloads/done",
+                                         "offline": False, "progress": False, "retries": 0, "names": ["z"],
+                                         "bundles": {}, "entries": {"z": {k: v for k, v in e.items() if k != "name"}}},
+                            "paths": {"results": "results", "experiment_dir": "results/exp"}})
+    manifest.start()
+    run(cfg)
+    out = manifest.finish(cfg, "halludpo.download")
+    assert out == Path("results/manifests/download_round0_main_eval_z_downloads.json")
+    written = json.loads(out.read_text())
+    assert [f["path"] for f in written["files"]] == [
+        "results/downloads/done/z.json", "results/downloads/z/data/a.txt", "results/downloads/z/data/sub/b.txt",
+        "results/downloads/z/z.zip"]
+
+
+def test_downloaded_and_extracted_files_get_the_umask_permissions(server, tmp_path):
+    old = os.umask(0o022)
+    try:
+        e = entry(server, "set", tar_gz_bytes(), "set/b.tar.gz", extract="tar")
+        folder = fetch(e, tmp_path, progress=False)
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "set" / "b.tar.gz").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((folder / "data" / "a.txt").stat().st_mode & 0o777) == oct(0o644)

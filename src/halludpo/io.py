@@ -56,12 +56,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, new_file_mode())
         yield tmp
+        os.chmod(tmp, new_file_mode())  # after the block: a writer may have replaced the file (safetensors does)
         os.replace(tmp, path)
         manifest.record(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def publish_tree(folder: str | os.PathLike) -> None:
+    """A folder written by a library (save_pretrained): every file gets the umask's permissions (safetensors
+    writes owner-only files, 0o600) and the folder goes into the stage's manifest. Only the writing process
+    (rank 0 under `accelerate launch`) does this."""
+    from halludpo import manifest
+
+    if not manifest.is_writer():
+        return
+    mode = new_file_mode()
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
+    manifest.record_tree(folder)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

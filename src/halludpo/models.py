@@ -104,13 +104,14 @@ def build_toy_model(words: list[str], arch: dict, seed: int) -> tuple[LlavaForCo
 
 
 def save_model(model, processor, out_dir: str | Path) -> None:
-    """save_pretrained of model (safetensors) and processor; the folder goes into the stage's manifest."""
-    from halludpo import manifest
+    """save_pretrained of model (safetensors) and processor; io.publish_tree gives the files the umask's
+    permissions and puts the folder into the stage's manifest."""
+    from halludpo.io import publish_tree
 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
-    manifest.record_tree(out_dir)
+    publish_tree(out_dir)
 
 
 def load_model_and_processor(path_or_id: str | Path, family: str, dtype: str = "float32", device: str = "cpu"):

@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 
-from halludpo import manifest, paths
+from halludpo import paths
 from halludpo.config import stage_main, to_plain
-from halludpo.io import InputError, read_jsonl, write_json, write_jsonl
+from halludpo.io import InputError, publish_tree, read_jsonl, write_json, write_jsonl
 from halludpo.losses import N_SEGMENTS, loss_terms, preference_loss
 from halludpo.models import load_model_and_processor, save_model
 from halludpo.scoring import (
@@ -306,7 +306,7 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
         trainer.save_model(str(out_dir / "adapter"))  # gathers ZeRO-3 shards; the main process writes
     elif trainer.is_world_process_zero():
         model.save_pretrained(out_dir / "adapter")
-    manifest.record_tree(out_dir / "adapter")  # the stage's manifest lists the adapter's files
+    publish_tree(out_dir / "adapter")  # the umask's permissions (safetensors: 0o600), into the stage's manifest
     history = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.is_world_process_zero():
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)

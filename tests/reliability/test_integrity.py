@@ -65,6 +65,37 @@ def test_a_rewritten_file_gets_the_umask_permissions_again(tmp_path, umask):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
 
 
+def test_safetensors_written_through_atomic_path_keep_the_umask_permissions(tmp_path, umask):
+    """safetensors replaces the file it writes with an owner-only one; atomic_path sets the mode after the block."""
+    import torch
+    from safetensors.torch import save_file
+
+    from halludpo.io import atomic_path
+
+    umask(0o022)
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    assert mode(tmp_path / "w.safetensors") == 0o644
+
+
+def test_saved_model_folders_keep_the_umask_permissions_and_are_recorded(tmp_path, umask):
+    from halludpo.models import build_toy_model, save_model
+    from tests.conftest import TINY_ARCH
+
+    umask(0o022)
+    model, processor = build_toy_model(["a", "dog", "."], TINY_ARCH, seed=0)
+    manifest.start()
+    try:
+        save_model(model, processor, tmp_path / "model")
+        recorded = manifest.collect()
+    finally:
+        manifest.stop()
+    files = sorted(p for p in (tmp_path / "model").rglob("*") if p.is_file())
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p: mode(p) for p in files} == {p: 0o644 for p in files}
+    assert recorded == files
+
+
 # ---------------------------------------------------------------- archives
 
 GOOD = {"set/a.txt": b"alpha\n" * 10, "set/sub/b.txt": b"beta\n" * 5}
