@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -219,13 +220,12 @@ def test_online_dpo_trains_on_the_pairs_themselves(tiny_pipeline, tmp_path):
     base, _ = tiny_pipeline
     workdir = tmp_path / "work"
     shutil.copytree(base, workdir, symlinks=True)
+    assert snakemake(workdir, "--touch").returncode == 0  # up to date again if code was edited since it ran
     target = "results/toy_apasi/round_0/train/train_stats.json"
     online = [*TINY, "train.reference=online"]
     assert job_counts(snakemake(workdir, "-n", target, overrides=online).stdout) == {"dpo": 1}
-    result = snakemake(workdir, target, overrides=online)
+    result = snakemake(workdir, "-p", target, overrides=online)  # a flag first: --config takes the words after it
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
     stats = json.loads((workdir / target).read_text())
     assert stats["reference"] == "online" and stats["pairs"] > 0 and stats["steps"] >= 1
 
