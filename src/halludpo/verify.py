@@ -94,8 +94,8 @@ def used_shared(experiment_dir: Path, experiment: list[tuple[Path, dict]]) -> li
     return chosen
 
 
-def check(manifests: list[tuple[Path, dict]]) -> Iterator[tuple[str, bool]]:
-    """(line, is a problem) for every file of the manifests, each file once."""
+def check(manifests: list[tuple[Path, dict]]) -> Iterator[str | None]:
+    """For every file of the manifests, each file once: None if it is intact, else the line naming its problem."""
     seen: set[Path] = set()
     for path, manifest in manifests:
         base = base_dir(path, manifest)
@@ -105,7 +105,7 @@ def check(manifests: list[tuple[Path, dict]]) -> Iterator[tuple[str, bool]]:
                 continue
             seen.add(file)
             what = problem(file, entry)
-            yield (f"{entry['path']}: {what} (manifest {path})" if what else str(file)), what is not None
+            yield f"{entry['path']}: {what} (manifest {path})" if what else None
 
 
 def verify(experiment_dir: str | os.PathLike, out=None) -> int:
@@ -125,9 +125,9 @@ def verify(experiment_dir: str | os.PathLike, out=None) -> int:
         print(err, file=out)
         return 1
     files = problems = 0
-    for line, bad in check(manifests):
+    for line in check(manifests):
         files += 1
-        if bad:
+        if line:
             problems += 1
             print(line, file=out)
     if problems:
