@@ -249,6 +249,7 @@ def test_snakemake_dry_run_fails_with_one_line_naming_the_setting(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     lines = [line for line in output.splitlines() if "train.beta" in line]
-    assert lines == ["train.beta = -1: must be a finite number > 0"], output
+    assert lines == ["invalid config: train.beta = -1: must be a finite number > 0"], output
+    assert len(output.strip().splitlines()) == 1, output
     assert "Traceback" not in output and "overrides" not in output
     assert not (tmp_path / "results").exists()  # nothing ran

@@ -24,7 +24,8 @@ if config.get("experiment"):
 try:
     CFG = compose(OVERRIDES)
 except ConfigError as err:
-    raise WorkflowError(str(err)) from None
+    # SystemExit: Snakemake prints the message alone, without a WorkflowError header and a traceback line
+    raise SystemExit(f"invalid config: {err}") from None
 
 SRC = Path(workflow.basedir) / "src" / "halludpo"
 CONDA_ENV = "../../envs/halludpo.yaml"  # relative to the rule files
