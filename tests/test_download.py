@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 import zipfile
@@ -16,7 +17,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from halludpo.download import (ChecksumError, DownloadInterrupted, EntryError, check_entry, fetch, fetch_all,
-                               marker_path, marker_paths, partial_path, requested_names, run, select_entries)
+                               lock_path, marker_path, marker_paths, partial_path, requested_names, run,
+                               select_entries)
 
 FILES = {"data/a.txt": b"alpha\n" * 50, "data/sub/b.txt": b"beta\n" * 70}
 
@@ -283,24 +285,28 @@ def test_select_entries_expands_bundles():
 
 
 def test_shipped_config_entries():
-    """Every entry of configs/download/default.yaml is well formed; only TO-VERIFY ones are refused."""
+    """Every entry of configs/download/default.yaml is well formed and has a checksum, except AMBER's image archive
+    (no published hash): refused as shipped, accepted with verify=tofu. Every GitHub file is pinned to a commit."""
     from halludpo.config import compose, to_plain
 
     dl = compose([]).download
     entries = select_entries(to_plain(dl.entries), to_plain(dl.bundles))
     for bundle in dl.bundles:
         select_entries(to_plain(dl.entries), to_plain(dl.bundles), [bundle])
-    verified = []
+    refused = []
     for e in entries:
         assert e["url"].startswith(("http://", "https://")), e
-        if e["sha256"] == "TO-VERIFY":
-            with pytest.raises(EntryError, match="TO-VERIFY"):
-                check_entry(e)
-        else:
+        if "raw.githubusercontent.com" in e["url"]:
+            assert re.search(r"/[0-9a-f]{40}/", e["url"]), e["url"]
+        try:
             check_entry(e)
-            verified.append(e["name"])
-    assert verified == ["coco2014_val_images", "coco2014_annotations", "coco2017_train_images",
-                        "vg_images_part1", "vg_images_part2", "llava_detail_23k"]
+        except EntryError as err:
+            assert "verify=tofu" in str(err)
+            refused.append(e["name"])
+            assert check_entry({**e, "verify": "tofu"})["sha256"] is None
+    assert refused == ["amber_images"]
+    tofu = compose(["download.entries.amber_images.verify=tofu"]).download.entries.amber_images
+    assert check_entry({"name": "amber_images", **to_plain(tofu)})["verify"] == "tofu"
 
 
 def test_marker_paths_and_requested_names():
@@ -353,3 +359,60 @@ def test_downloaded_and_extracted_files_get_the_umask_permissions(server, tmp_pa
         os.umask(old)
     assert oct((tmp_path / "set" / "b.tar.gz").stat().st_mode & 0o777) == oct(0o644)
     assert oct((folder / "data" / "a.txt").stat().st_mode & 0o777) == oct(0o644)
+
+
+# ---------------------------------------------------------------- trust on first use (verify: tofu)
+
+
+def tofu_entry(server, body=b"images" * 40):
+    return {**entry(server, "imgs", body, "imgs.bin"), "sha256": None, "verify": "tofu"}
+
+
+def test_tofu_records_the_first_download_warns_once_and_checks_every_later_run(server, tmp_path, caplog):
+    e, locks = tofu_entry(server), tmp_path / "locks"
+    with caplog.at_level("WARNING", logger="halludpo.download"):
+        fetch(e, tmp_path / "data", progress=False, lock_dir=locks)
+    assert json.loads(lock_path(locks, "imgs").read_text())["sha256"] == sha256(b"images" * 40)
+    assert sum("trusting this first download" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    server.requests.clear()
+    (tmp_path / "data" / "imgs.bin").unlink()
+    with caplog.at_level("WARNING", logger="halludpo.download"):
+        fetch(e, tmp_path / "data", progress=False, lock_dir=locks)  # same bytes again: checked, no warning
+    assert len(server.requests) == 1 and not caplog.records
+    (tmp_path / "data" / "imgs.bin").unlink()
+    server.files["imgs.bin"] = b"changed" * 40                     # the server now serves other bytes
+    with pytest.raises(ChecksumError, match="recorded on first use in .*imgs.json"):
+        fetch(e, tmp_path / "data", progress=False, lock_dir=locks)
+    assert not (tmp_path / "data" / "imgs.bin").exists()
+    path = fetch(e, tmp_path / "data2", progress=False, lock_dir=tmp_path / "locks2")  # a new lock: trusted
+    path.write_bytes(b"tampered")
+    with pytest.raises(ChecksumError, match="imgs.json"):  # offline: checked against the lock too
+        fetch(e, tmp_path / "data2", offline=True, lock_dir=tmp_path / "locks2")
+
+
+def test_tofu_lock_for_another_url_is_refused(server, tmp_path):
+    e, locks = tofu_entry(server), tmp_path / "locks"
+    fetch(e, tmp_path, progress=False, lock_dir=locks)
+    with pytest.raises(EntryError, match="delete the lock file"):
+        fetch({**e, "url": server.url("elsewhere.bin")}, tmp_path, progress=False, lock_dir=locks)
+
+
+def test_known_hash_stays_strict_under_tofu_and_bad_modes_are_refused(server, tmp_path):
+    e = {**entry(server, "k", b"known", "k.bin"), "verify": "tofu"}
+    with pytest.raises(ChecksumError):
+        fetch({**e, "sha256": sha256(b"other")}, tmp_path, progress=False, lock_dir=tmp_path / "locks")
+    assert not (tmp_path / "locks").exists()
+    with pytest.raises(EntryError, match="strict or tofu"):
+        check_entry({**e, "verify": "trust"})
+
+
+def test_run_marker_of_a_tofu_entry_names_the_recorded_hash(server, tmp_path):
+    e = tofu_entry(server)
+    cfg = OmegaConf.create({"download": {
+        "root": str(tmp_path / "data"), "done_dir": str(tmp_path / "done"), "lock_dir": str(tmp_path / "locks"),
+        "offline": False, "progress": False, "retries": 0, "names": ["imgs"], "bundles": {},
+        "entries": {"imgs": {k: v for k, v in e.items() if k != "name"}}}})
+    run(cfg)
+    marker = json.loads(marker_path(tmp_path / "done", "imgs").read_text())
+    assert marker["sha256"] == sha256(b"images" * 40) and marker["verify"] == "tofu"

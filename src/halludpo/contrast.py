@@ -346,7 +346,8 @@ def run(cfg: DictConfig) -> None:
         from halludpo.models import load_model_and_processor
 
         model_path = paths.model_dir(cfg, k)
-        model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
+        model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype,
+                                                    cfg.model.device)
         images = unique_images(rows)
         embeddings = image_embeddings(model, processor, [p for _, p in images], contrast.get("batch_size", 16))
         save_embeddings(paths.embeddings_file(cfg, k), embeddings, images, str(model_path))

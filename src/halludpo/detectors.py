@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from halludpo.inference import as_image
+from halludpo.models import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,10 @@ class Detector:
 
 
 def load_detector(name: str, source: str | os.PathLike, box_threshold: float, text_threshold: float | None = None,
-                  device: str = "cpu", dtype: str = "float32", batch_size: int = 8, max_queries: int = 16) -> Detector:
+                  device: str = "auto", dtype: str = "float32", batch_size: int = 8, max_queries: int = 16) -> Detector:
     """AutoProcessor + AutoModelForZeroShotObjectDetection from a hub id or a save_pretrained folder (safetensors
-    only, trust_remote_code off), in eval mode on `device`. GroundingDINO needs a text_threshold (None: 0.25, the
+    only, trust_remote_code off), in eval mode on the device models.resolve_device(device) picks (auto: CUDA when
+    there is a GPU). GroundingDINO needs a text_threshold (None: 0.25, the
     paper's); OWL models have none and refuse one."""
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
@@ -99,6 +101,7 @@ def load_detector(name: str, source: str | os.PathLike, box_threshold: float, te
         raise ValueError(f"verifier {name}: {source} is a {model_type!r} model; supported zero-shot detectors: "
                          f"{', '.join(SUPPORTED_TYPES)}")
     text_threshold = _text_threshold_for(name, model_type, text_threshold)
+    device = resolve_device(device)
     model.to(device).eval()
     log.info("verifier %s: %s (%s) on %s/%s, box threshold %s, text threshold %s", name, source, model_type, device,
              dtype, box_threshold, text_threshold)
@@ -131,7 +134,7 @@ def load_pair(verifier_cfg: dict) -> tuple[Detector, Detector]:
     if len(thresholds) != 2 or len(text_thresholds) != 2:
         raise ValueError(f"verifier.thresholds={thresholds}, verifier.text_thresholds={text_thresholds}: "
                          "one value per detector (two)")
-    common = {"device": v.get("device", "cpu"), "dtype": v.get("dtype", "float32"),
+    common = {"device": v.get("device", "auto"), "dtype": v.get("dtype", "float32"),
               "batch_size": v.get("batch_size", 8), "max_queries": v.get("max_queries", 16)}
     a, b = (load_detector(kind, models[kind], thresholds[i], text_thresholds[i], **common)
             for i, kind in enumerate(kinds))

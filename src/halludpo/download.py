@@ -9,7 +9,11 @@ An archive is unpacked only if every member is a plain file or folder that stays
 device file, an absolute path or a '..' path is refused (InputError naming the archive and the member), before
 anything is written.
 Every entry needs a real checksum: null is an error, and "TO-VERIFY" (a file whose checksum no public source
-gives) is refused with a message that says how to fill it in.
+gives) is refused with a message that says how to fill it in. The one exception is an entry with `verify: tofu`
+and `sha256: null` (trust on first use, for a file no source publishes a hash of): the first download is trusted,
+its sha256 recorded in a lock file (download.lock_dir, `<name>.json`) with a warning, and every later run checks
+the file against that lock as strictly as against a configured hash. `verify: strict` is the default; a known hash
+is always checked strictly.
 
 Online, pooch fetches the file (an existing file whose checksum matches is not downloaded again). Its plain
 HTTP downloader restarts a cut transfer from zero, so this module's downloader keeps the bytes in
@@ -39,12 +43,13 @@ from tqdm.auto import tqdm
 
 from halludpo import manifest
 from halludpo.config import stage_main, to_plain
-from halludpo.io import InputError, write_json
+from halludpo.io import InputError, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 UNVERIFIED = "TO-VERIFY"
-ENTRY_KEYS = ("name", "url", "sha256", "filename", "extract")
+ENTRY_KEYS = ("name", "url", "sha256", "filename", "extract")  # required; `verify` is optional (strict)
+VERIFY_MODES = ("strict", "tofu")
 EXTRACT_KINDS = ("zip", "tar")
 HASH_FORM = re.compile(r"^(?:(?P<alg>[a-z0-9]+):)?(?P<hex>[0-9a-fA-F]+)$")
 
@@ -75,7 +80,11 @@ def check_entry(entry: Mapping) -> dict:
     missing = [k for k in ENTRY_KEYS if k not in entry]
     if missing:
         raise EntryError(f"download entry {name!r}: missing key(s) {missing}")
-    check_hash(name, entry["sha256"], entry["url"])
+    entry["verify"] = entry.get("verify") or "strict"
+    if entry["verify"] not in VERIFY_MODES:
+        raise EntryError(f"download entry {name!r}: verify must be strict or tofu, got {entry['verify']!r}")
+    if not trusts_first_use(entry):
+        check_hash(name, entry["sha256"], entry["url"])
     if entry["extract"] not in (None, *EXTRACT_KINDS):
         raise EntryError(f"download entry {name!r}: extract must be null, zip or tar, got {entry['extract']!r}")
     filename = PurePosixPath(str(entry["filename"]))
@@ -85,10 +94,17 @@ def check_entry(entry: Mapping) -> dict:
     return entry
 
 
+def trusts_first_use(entry: Mapping) -> bool:
+    """verify: tofu without a hash: the first download's sha256 is recorded and checked from then on."""
+    return entry.get("verify") == "tofu" and entry["sha256"] is None
+
+
 def check_hash(name: str, known_hash: str | None, url: str) -> None:
     """Refuse a null or TO-VERIFY checksum, and one that is not hex of the right length for its algorithm."""
     if known_hash is None:
-        raise EntryError(f"download entry {name!r} has no checksum (sha256: null): every download needs one")
+        raise EntryError(f"download entry {name!r} has no checksum (sha256: null): give its sha256, or, if no "
+                         f"source publishes one, set download.entries.{name}.verify=tofu (trust on first use: the "
+                         f"first download's sha256 is recorded under results/downloads/ and checked on every run)")
     if str(known_hash).strip().upper() == UNVERIFIED:
         raise EntryError(
             f"download entry {name!r} has checksum {UNVERIFIED}: no public source gives it. Download {url} once "
@@ -177,7 +193,8 @@ class ResumableHTTPDownloader(pooch.HTTPDownloader):
         self.transfers += 1
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.fetch_rest(url)
-        verify(self.partial, self.known_hash, self.name, delete_on_mismatch=True)
+        if self.known_hash is not None:  # None: trust on first use, the caller records the hash
+            verify(self.partial, self.known_hash, self.name, delete_on_mismatch=True)
         os.replace(self.partial, output_file)
         return None
 
@@ -360,29 +377,78 @@ def extract(entry: dict, archive: Path, fresh: bool) -> Path:
 
 
 def fetch(entry: Mapping, root: str | os.PathLike, progress: bool = True, offline: bool = False,
-          retries: int = 0) -> Path:
+          retries: int = 0, lock_dir: str | os.PathLike | None = None) -> Path:
     """Download (or, offline, only check) one entry under `root`; returns the file, or for an archive the folder
-    it was unpacked in. Online, a file already there with the right checksum is not downloaded again."""
+    it was unpacked in. Online, a file already there with the right checksum is not downloaded again. An entry
+    trusted on first use is checked against its lock in `lock_dir` (default: `root`/locks), or records it."""
     entry = check_entry(entry)
     target = Path(root) / entry["filename"]
-    if offline:
-        if not target.is_file():
-            raise FileNotFoundError(f"{entry['name']}: offline, and {target} is not there; put the file from "
-                                    f"{entry['url']} there, or run without download.offline=true")
-        verify(target, entry["sha256"], entry["name"])
-        fresh = False
-    else:
-        fresh = download_with_retries(entry, target, progress, retries)
+    lock = None
+    if trusts_first_use(entry):
+        lock = lock_path(lock_dir if lock_dir is not None else Path(root) / "locks", entry["name"])
+        entry["sha256"] = recorded_hash(lock, entry)
+    try:
+        fresh = fetch_file(entry, target, progress, offline, retries)
+    except ChecksumError as err:
+        if lock is None:
+            raise
+        raise ChecksumError(f"{err}; the expected sha256 was recorded on first use in {lock}: delete that lock "
+                            "file to trust a new download") from None
+    if lock is not None and entry["sha256"] is None:
+        record_first_use(lock, entry, target)
     manifest.record(target)
     return extract(entry, target, fresh) if entry["extract"] else target
 
 
+def fetch_file(entry: dict, target: Path, progress: bool, offline: bool, retries: int) -> bool:
+    """The file at `target`, checked (offline) or downloaded and checked; True if bytes were transferred. A hash
+    of None (first use) checks nothing."""
+    if not offline:
+        return download_with_retries(entry, target, progress, retries)
+    if not target.is_file():
+        raise FileNotFoundError(f"{entry['name']}: offline, and {target} is not there; put the file from "
+                                f"{entry['url']} there, or run without download.offline=true")
+    if entry["sha256"] is not None:
+        verify(target, entry["sha256"], entry["name"])
+    return False
+
+
+# ---------------------------------------------------------------- trust on first use
+
+
+def lock_path(lock_dir: str | os.PathLike, name: str) -> Path:
+    """The lock file of a trust-on-first-use entry: the sha256 its first download had."""
+    return Path(lock_dir) / f"{name}.json"
+
+
+def recorded_hash(lock: Path, entry: Mapping) -> str | None:
+    """The sha256 recorded on first use, or None before it; a lock recorded for another URL is an EntryError."""
+    if not lock.is_file():
+        return None
+    recorded = read_json(lock)
+    if recorded.get("url") != entry["url"]:
+        raise EntryError(f"download entry {entry['name']!r}: {lock} trusts {recorded.get('url')}, but the entry now "
+                         f"names {entry['url']}; delete the lock file to trust the new file")
+    log.info("%s: checking against the sha256 recorded on first use (%s)", entry["name"], lock)
+    return recorded["sha256"]
+
+
+def record_first_use(lock: Path, entry: Mapping, target: Path) -> None:
+    """Write the lock of a file trusted on first use, and warn (once: later runs find the lock)."""
+    digest = pooch.file_hash(str(target), alg="sha256")
+    write_json(lock, {"name": entry["name"], "url": entry["url"], "sha256": digest, "bytes": target.stat().st_size,
+                      "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    log.warning("%s: no published checksum; trusting this first download (verify: tofu): sha256 %s recorded in %s "
+                "and checked on every later run", entry["name"], digest, lock)
+
+
 def fetch_all(entries: Iterable[Mapping], root: str | os.PathLike, progress: bool = True, offline: bool = False,
-              retries: int = 0) -> dict[str, Path]:
+              retries: int = 0, lock_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """fetch() each entry; all entries are checked first, so an unverified checksum stops the run before any
     download starts."""
     entries = [check_entry(e) for e in entries]
-    return {e["name"]: fetch(e, root, progress=progress, offline=offline, retries=retries) for e in entries}
+    return {e["name"]: fetch(e, root, progress=progress, offline=offline, retries=retries, lock_dir=lock_dir)
+            for e in entries}
 
 
 # ---------------------------------------------------------------- stage
@@ -410,14 +476,18 @@ def run(cfg: DictConfig) -> None:
     """Fetch cfg.download.names (entries or bundles; none = all) and write one marker per entry."""
     dl = cfg.download
     entries = select_entries(to_plain(dl.entries), to_plain(dl.bundles), requested_names(dl.names))
+    lock_dir = dl.get("lock_dir") or Path(dl.root) / "locks"
     try:
-        fetched = fetch_all(entries, dl.root, progress=dl.progress, offline=dl.offline, retries=dl.retries)
+        fetched = fetch_all(entries, dl.root, progress=dl.progress, offline=dl.offline, retries=dl.retries,
+                            lock_dir=lock_dir)
     except DownloadError as err:
         log.error("%s", err)
         sys.exit(1)
     for entry in entries:
         manifest.label(entry["name"])
         path = fetched[entry["name"]]
+        if trusts_first_use(check_entry(entry)):
+            entry = {**entry, "sha256": recorded_hash(lock_path(lock_dir, entry["name"]), entry)}
         write_json(marker_path(dl.done_dir, entry["name"]),
                    {**entry, "path": str(path), "offline": bool(dl.offline)})
         log.info("%s: %s", entry["name"], path)

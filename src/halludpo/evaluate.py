@@ -163,7 +163,8 @@ def run(cfg: DictConfig) -> None:
     scorer = object_scorer(cfg)
     chair = evaluate_chair(paths.eval_generations(cfg, k), cfg.data.eval_instances, cfg.data.eval_captions, scorer)
     chair["round"] = k
-    model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype)
+    model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype,
+                                                cfg.model.device)
     pope, samples = evaluate_pope(model, processor, pope_question_files(cfg), cfg.data.eval_images,
                                   cfg.eval.pope.max_new_tokens, cfg.eval.batch_size)
     pope["round"] = k

@@ -90,7 +90,8 @@ def run(cfg: DictConfig) -> None:
         out = paths.gen_generations(cfg, k)
     else:
         raise ValueError(f"split={cfg.split!r}; valid: eval, gen")
-    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype,
+                                                cfg.model.device)
     rows = describe_images(model, processor, images, images_dir, prompts, generation, max_new_tokens, batch_size,
                            seed, str(model_path), k)
     write_jsonl(out, rows)

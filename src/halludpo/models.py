@@ -8,6 +8,8 @@ folder or hub id, safetensors only, trust_remote_code off. The toy family is a r
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -114,16 +116,54 @@ def save_model(model, processor, out_dir: str | Path) -> None:
     publish_tree(out_dir)
 
 
-def load_model_and_processor(path_or_id: str | Path, family: str, dtype: str = "float32", device: str = "cpu"):
-    """Load any supported family the way a user loads it from the hub: Auto classes, safetensors only."""
+DEVICE_SETTING = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")
+
+
+class DeviceError(ValueError):
+    """A model.device setting this machine cannot give (CUDA asked without a GPU) or not a device at all."""
+
+
+def resolve_device(setting: str = "auto") -> str:
+    """The torch device of a model stage from its setting (`model.device`): `auto` = CUDA when torch sees a GPU,
+    else the CPU; `cpu`, `cuda`, `cuda:N`, and `meta` (tests: parameters without memory) as given. Under a
+    launcher with one process per GPU (LOCAL_RANK set), `auto` and `cuda` mean the process's own GPU. CUDA asked
+    where torch sees none is a DeviceError."""
+    text = str(setting).strip().lower()
+    if not DEVICE_SETTING.match(text):
+        raise DeviceError(f"model.device={setting!r}: valid settings are auto, cpu, cuda, cuda:N and meta")
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if not text.startswith("cuda"):
+        return text
+    if not torch.cuda.is_available():
+        raise DeviceError(f"model.device={setting}: torch sees no CUDA GPU here (torch {torch.__version__}, CUDA "
+                          f"build {torch.version.cuda}); use model.device=auto or cpu, or run on a GPU node")
+    if text == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    if ":" in text and int(text.partition(":")[2]) >= torch.cuda.device_count():
+        raise DeviceError(f"model.device={setting}: torch sees {torch.cuda.device_count()} GPU(s)")
+    return text
+
+
+def model_device(model) -> torch.device:
+    """Where a model's parameters are (the device its inputs must be on)."""
+    return next(model.parameters()).device
+
+
+def load_model_and_processor(path_or_id: str | Path, family: str, dtype: str = "float32", device: str = "auto"):
+    """Load any supported family the way a user loads it from the hub: Auto classes, safetensors only; in `dtype`,
+    on the device `resolve_device(device)` picks (logged)."""
     check_family(family)
     path = str(path_or_id)
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a saved model folder (no config.json)")
+    target = resolve_device(device)
     processor = load_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False,
-    ).to(device)
+    ).to(target)
+    log.info("model %s (%s) on device %s, dtype %s (model.device=%s)", path, family, model_device(model),
+             dtype, device)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # batched generation: prompts end at the same position
     if tokenizer.pad_token is None:

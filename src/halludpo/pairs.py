@@ -68,7 +68,8 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     if not generations:
         raise InputError(f"{source}: no generations")
     objects_of, vocabulary = object_finder(cfg)
-    model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype)
+    model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype,
+                                                cfg.model.device)
     completer = TextOnlyCompleter(model, processor, generations[0]["prompt"],
                                   max_new_tokens=method.completion.max_new_tokens,
                                   repetition_penalty=method.completion.repetition_penalty,
@@ -163,7 +164,8 @@ def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     scorer = object_scorer(cfg)
     objects_of = object_extractor(scorer)
     decide = verifier_decide_fn(cfg, method.instances)
-    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype,
+                                                cfg.model.device)
     sampler = SentenceSampler(model, processor, n=sampling.n, temperature=sampling.temperature,
                               max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p, seed=seed,
                               desc=f"sentinel r{k}")

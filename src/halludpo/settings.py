@@ -37,6 +37,8 @@ DETECTOR_DTYPES = ("float32", "float16", "bfloat16")               # halludpo.de
 POPE_SPLITS = ("random", "popular", "adversarial")                 # halludpo.metrics.pope.POPE_SPLITS
 TEXT_PIPELINES = ("auto", "nltk", "offline")                       # halludpo.metrics.text.TEXT_PIPELINE_NAMES
 HALLUCINATION_POSITIONS = ("anywhere", "last")                     # halludpo.toyworld.HALLUCINATION_POSITIONS
+VERIFY_MODES = ("strict", "tofu")                                  # halludpo.download.VERIFY_MODES
+DEVICE_SETTING = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")    # halludpo.models.DEVICE_SETTING
 # Learning-rate schedules the Trainer builds without extra arguments (transformers.SchedulerType minus
 # reduce_lr_on_plateau, which needs evaluation, and the schedules that need lr_scheduler_kwargs).
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -109,6 +111,12 @@ def text() -> Setting:
 def one_of(*choices) -> Setting:
     return Setting(lambda v: isinstance(v, (str, type(None))) and v in choices,
                    "one of " + ", ".join("null" if c is None else str(c) for c in choices))
+
+
+def device() -> Setting:
+    """A torch device setting (halludpo.models.resolve_device): auto, cpu, cuda, cuda:N, meta."""
+    return Setting(lambda v: isinstance(v, str) and bool(DEVICE_SETTING.match(v)),
+                   "one of auto, cpu, cuda, cuda:N, meta")
 
 
 def regex() -> Setting:
@@ -192,6 +200,8 @@ SETTINGS: dict[str, Setting] = {
     "model.family": one_of(*FAMILIES),
     "model.path": text(),
     "model.dtype": one_of("float32", "float16", "bfloat16"),
+    "model.device": device(),
+    "model.revision": text(),                         # a branch, tag or commit of the hub repository
     "model.arch.image_size": COUNT,
     "model.arch.patch_size": COUNT,                   # <= image_size (check_arch)
     "model.arch.vision_hidden": COUNT,                # a multiple of vision_heads (check_arch)
@@ -275,7 +285,7 @@ SETTINGS: dict[str, Setting] = {
     "verifier.text_thresholds": list_of(nullable(NON_NEGATIVE), length=2),
     "verifier.oracle": flag(),
     "verifier.dtype": one_of(*DETECTOR_DTYPES),
-    "verifier.device": text(),
+    "verifier.device": device(),
     "verifier.models.*": text(),
     "verifier.max_queries": COUNT,
     "verifier.train.image_size": COUNT,
@@ -291,6 +301,7 @@ SETTINGS: dict[str, Setting] = {
     "download.entries.*.extract": one_of(None, "zip", "tar"),
     # the same meaning wherever they appear
     "**.seed": SEED,
+    "download.entries.*.verify": one_of(*VERIFY_MODES),
     "**.lr": LEARNING_RATE,
     "**.epochs": COUNT,
     "**.batch_size": COUNT,

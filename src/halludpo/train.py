@@ -27,7 +27,7 @@ from halludpo import paths
 from halludpo.config import stage_main, to_plain
 from halludpo.io import InputError, publish_tree, read_jsonl, write_json, write_jsonl
 from halludpo.losses import N_SEGMENTS, loss_terms, preference_loss
-from halludpo.models import load_model_and_processor, save_model
+from halludpo.models import load_model_and_processor, model_device, save_model
 from halludpo.scoring import (
     PAIR_FIELDS,  # noqa: F401  (re-exported: the pairs contract, defined in scoring)
     check_image_tokens,
@@ -258,16 +258,18 @@ def warn_early_saturation(accuracies: list[float], frac: float = 0.05, min_steps
 # Training
 
 
-def training_arguments(out_dir: Path, train: dict, n_examples: int) -> TrainingArguments:
-    deepspeed = train.get("deepspeed") if torch.cuda.is_available() else None
+def training_arguments(out_dir: Path, train: dict, n_examples: int, on_cuda: bool = False) -> TrainingArguments:
+    """The Trainer's arguments; on_cuda = the model was loaded on a GPU (model.device): the Trainer keeps it there,
+    and only then do DeepSpeed and bf16 apply. Otherwise it trains on the CPU, whatever the machine has."""
+    deepspeed = train.get("deepspeed") if on_cuda else None
     return TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=train["batch_size"],
         gradient_accumulation_steps=train["grad_accum"], learning_rate=train["lr"],
         num_train_epochs=train["epochs"], lr_scheduler_type=train["scheduler"], warmup_steps=train["warmup_ratio"],
         weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
-        seed=train["seed"], data_seed=train["seed"], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        seed=train["seed"], data_seed=train["seed"], remove_unused_columns=False, use_cpu=not on_cuda,
         dataloader_num_workers=0, disable_tqdm=False, deepspeed=deepspeed,
-        bf16=bool(train.get("bf16")) and torch.cuda.is_available(),
+        bf16=bool(train.get("bf16")) and on_cuda,
     )
 
 
@@ -295,11 +297,13 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
     n_segments = N_SEGMENTS[train["loss"]]
     if len(dataset.items[0]["segments"]) != n_segments:
         raise ValueError(f"loss {train['loss']!r} needs {n_segments} segments per example")
+    args = training_arguments(out_dir / "trainer", train, len(dataset), model_device(model).type == "cuda")
     trainer = PreferenceTrainer(
-        model=model, args=training_arguments(out_dir / "trainer", train, len(dataset)), train_dataset=dataset,
+        model=model, args=args, train_dataset=dataset,
         data_collator=PairCollator(processor.tokenizer.pad_token_id), loss_name=train["loss"], beta=train["beta"],
         sft_weight=train["sft_weight"], loss_params=loss_params(train), callbacks=callbacks,
     )
+    log.info("training on device %s (bf16 %s, DeepSpeed %s)", trainer.args.device, args.bf16, args.deepspeed)
     result = trainer.train()
     warn_early_saturation(trainer.accuracy_history)
     if trainer.is_deepspeed_enabled:
@@ -315,9 +319,11 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
             "trainable_tensors": len(trainable), "reference": train["reference"], "history": history}
 
 
-def merge_adapter(base_path: str | Path, adapter_dir: str | Path, family: str, out_dir: str | Path) -> None:
-    """model_{k+1} = model_k with the LoRA merged in, saved as a full model (safetensors) + processor."""
-    model, processor = load_model_and_processor(base_path, family)
+def merge_adapter(base_path: str | Path, adapter_dir: str | Path, family: str, out_dir: str | Path,
+                  dtype: str = "float32", device: str = "auto") -> None:
+    """model_{k+1} = model_k with the LoRA merged in, saved as a full model (safetensors) + processor. The base
+    loads in `dtype` (model.dtype) on `device`, and the merged weights are written in that dtype."""
+    model, processor = load_model_and_processor(base_path, family, dtype, device)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -338,7 +344,8 @@ def run(cfg: DictConfig) -> None:
     fields = required_fields(train["loss"])
     if cfg.step == "reference":
         rows = read_jsonl(paths.scored_pairs_jsonl(cfg, k), required=fields)
-        model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
+        model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype,
+                                                    cfg.model.device)
         out = compute_reference_logps(model, processor, rows, train["max_length"], train["ref_batch_size"],
                                       train["loss"])
         write_jsonl(paths.ref_logps_jsonl(cfg, k), out)
@@ -348,7 +355,8 @@ def run(cfg: DictConfig) -> None:
         rows = read_jsonl(source, required=fields)
         if not rows:
             raise InputError(f"{source}: no preference pairs to train on")
-        model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype)
+        model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype,
+                                                    cfg.model.device)
         out_dir = paths.train_dir(cfg, k)
         stats = train_preference(model, processor, rows, out_dir, train, model_path, str(source),
                                  callbacks=training_callbacks(cfg))  # MLflow: curves to round k's child run
@@ -356,7 +364,8 @@ def run(cfg: DictConfig) -> None:
             write_jsonl(out_dir / "train_log.jsonl", stats.pop("history"))
             write_json(out_dir / "train_stats.json", stats)
     elif cfg.step == "merge":
-        merge_adapter(model_path, paths.train_dir(cfg, k) / "adapter", cfg.model.family, paths.model_dir(cfg, k + 1))
+        merge_adapter(model_path, paths.train_dir(cfg, k) / "adapter", cfg.model.family, paths.model_dir(cfg, k + 1),
+                      cfg.model.dtype, cfg.model.device)
     else:
         raise ValueError(f"step={cfg.step!r}; train knows: reference, dpo, merge")
 

@@ -73,6 +73,8 @@ BAD_SETTINGS = [
     (["data.world.hallucination_position=first"], "data.world.hallucination_position = 'first'"),
     (["model.family=gpt"], "model.family = 'gpt'"),
     (["model.dtype=float64"], "model.dtype = 'float64'"),
+    (["model.device=gpu"], "model.device = 'gpu'"),
+    (["model.device=cuda:x"], "model.device = 'cuda:x'"),
     (["model.pretrain.lr=-1"], "model.pretrain.lr = -1"),
     (["model.pretrain.qa_per_image=0"], "model.pretrain.qa_per_image = 0"),
     (["rounds=-1"], "rounds = -1"),
@@ -177,6 +179,8 @@ GOOD_EDGES = [
     ["method.verify.mirror=true", "method.verify.correct_as=object", "method.verify.correct=true"],
     ["experiment=apasi_llava15_7b", "model=qwen25vl_7b", "eval.pope.splits=[random,popular]"],
     ["download.retries=0", "download.names=[]", "tracking.enabled=false"],
+    ["model.device=cuda:1", "download.entries.amber_images.verify=tofu"],
+    ["experiment=apasi_llava15_7b", "model.device=cpu", "model.revision=0123456789abcdef0123456789abcdef01234567"],
 ]
 
 
@@ -226,7 +230,8 @@ def test_enumerations_agree_with_the_modules_that_use_them():
     """settings.py copies the choices of modules that import torch (the Snakefile loads it at parse time)."""
     import transformers
 
-    from halludpo import contrast, detectors, generate, injection, losses, scoring, sentinel, toyworld, verifiers
+    from halludpo import (contrast, detectors, download, generate, injection, losses, models, scoring, sentinel,
+                          toyworld, verifiers)
     from halludpo.metrics import pope, text
 
     assert settings.LOSSES == tuple(losses.LOSSES) and set(settings.LOSS_CONTRAST) == set(scoring.SEGMENTS)
@@ -240,6 +245,8 @@ def test_enumerations_agree_with_the_modules_that_use_them():
     assert settings.HALLUCINATION_POSITIONS == toyworld.HALLUCINATION_POSITIONS
     assert settings.IMAGE_PROMPTS == generate.IMAGE_PROMPTS
     assert set(settings.SCHEDULERS) <= {s.value for s in transformers.SchedulerType}
+    assert settings.VERIFY_MODES == download.VERIFY_MODES
+    assert settings.DEVICE_SETTING.pattern == models.DEVICE_SETTING.pattern
 
 
 def test_snakemake_dry_run_fails_with_one_line_naming_the_setting(tmp_path):

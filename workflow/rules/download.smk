@@ -12,7 +12,8 @@ rule download:
     """One entry of configs/download/: fetched by URL with a resumable transfer (a rerun continues a cut one),
     checked by checksum, an archive unpacked beside itself under download.root. With download.offline=true the
     file must already be there and is only checked. The output is a JSON marker naming the file or folder.
-    An entry whose checksum is TO-VERIFY fails with a message saying how to fill it in.
+    An entry without a checksum fails with a message saying how to fill it in, unless it says verify: tofu (trust
+    on first use: the first download's sha256 is recorded in download.lock_dir and checked on every later run).
         snakemake --cores 2 results/downloads/done/coco2014_val_images.json
         snakemake --cores 2 <marker> --config overrides="[download.offline=true,download.root=/data/public]"
     Runs on the submitting host (localrule): compute nodes of many clusters have no internet.
