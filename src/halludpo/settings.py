@@ -299,9 +299,9 @@ SETTINGS: dict[str, Setting] = {
     "download.names": list_of(text(), allow_empty=True),
     "download.bundles.*": list_of(text()),
     "download.entries.*.extract": one_of(None, "zip", "tar"),
+    "download.entries.*.verify": one_of(*VERIFY_MODES),
     # the same meaning wherever they appear
     "**.seed": SEED,
-    "download.entries.*.verify": one_of(*VERIFY_MODES),
     "**.lr": LEARNING_RATE,
     "**.epochs": COUNT,
     "**.batch_size": COUNT,
