@@ -46,8 +46,10 @@ def test_every_real_experiment_runs_on_coco_with_the_paper_protocol(name):
     root = cfg.download.root
     assert cfg.data.gen_images == f"{root}/coco/train2017" and cfg.data.eval_images == f"{root}/coco/val2014"
     assert cfg.data.sources.detail_23k == f"{root}/llava/detail_23k.json"
-    # model_0 = the released weights: a hub id, no pretraining, nothing for Snakemake to track
-    assert paths.model_marker(cfg, 0) is None and str(paths.model_dir(cfg, 0)) == cfg.model.path
+    # model_0 = the released weights at model.revision: a hub id, no pretraining; rule fetch_model downloads them
+    assert paths.fetched_from_hub(cfg) and cfg.model.revision and cfg.model.device == "auto"
+    assert paths.model_marker(cfg, 0) == paths.model_dir(cfg, 0) / "fetched.json"
+    assert paths.model_dir(cfg, 0).parent == Path(cfg.paths.models_dir) / "hub"
 
 
 @pytest.mark.parametrize("name", ["apasi_llava15_7b", "apasi_qwen2vl_7b"])
@@ -86,7 +88,8 @@ def test_sentinel_and_symmpo_paper_settings():
 def test_model_configs(model):
     cfg = compose(["experiment=apasi_llava15_7b", f"model={model}"])
     assert (cfg.model.family, cfg.model.path, cfg.model.dtype) == (*MODELS[model], "bfloat16")
-    assert "pretrain" not in cfg.model and paths.model_marker(cfg, 0) is None
+    assert "pretrain" not in cfg.model and paths.model_marker(cfg, 0).name == "fetched.json"
+    assert cfg.model.revision == "main" and cfg.model.device == "auto"
 
 
 def test_model_0_marker_by_kind_of_path(tmp_path):
@@ -97,7 +100,9 @@ def test_model_0_marker_by_kind_of_path(tmp_path):
     relative = compose(["experiment=apasi_llava15_7b", "model.path=./models/llava"])
     assert paths.model_marker(relative, 0) == Path("models/llava/config.json")   # a path, never a hub id
     hub = compose(["experiment=apasi_llava15_7b"])
-    assert paths.model_marker(hub, 0) is None
+    assert paths.model_marker(hub, 0) == Path("results/models/hub/llava-hf--llava-1.5-7b-hf@main/fetched.json")
+    pinned = compose(["experiment=apasi_llava15_7b", "model.revision=0123456789abcdef0123456789abcdef01234567"])
+    assert paths.model_dir(pinned, 0).name == "llava-hf--llava-1.5-7b-hf@0123456789abcdef0123456789abcdef01234567"
     assert paths.model_marker(hub, 1) == Path("results/apasi_llava15_7b/round_0/merged/config.json")
     assert paths.is_hub_id("org/name-1.5") and not paths.is_hub_id("results/models/x") \
         and not paths.is_hub_id("/abs/x") and not paths.is_hub_id("name")
@@ -139,14 +144,15 @@ def dry_run(workdir: Path, experiment: str) -> subprocess.CompletedProcess:
 
 
 EXPECTED_JOBS = {  # rounds R: generate = (R+1) eval + R gen; evaluate = R+1; per round: pairs, reference, dpo, merge
-    "apasi_llava15_7b": {"download": 8, "prepare": 1, "generate": 5, "inject": 2, "reference_logps": 2, "dpo": 2,
-                         "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
-    "apasi_qwen2vl_7b": {"download": 8, "prepare": 1, "generate": 5, "inject": 2, "reference_logps": 2, "dpo": 2,
-                         "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
-    "symmpo_llava15_7b": {"download": 8, "prepare": 1, "generate": 5, "inject": 2, "contrast_embeddings": 2,
-                          "contrast": 2, "reference_logps": 2, "dpo": 2, "merge": 2, "evaluate": 3, "summarize": 1,
-                          "all": 1},
-    "sentinel_llava15_7b": {"download": 8, "prepare": 1, "generate": 2, "sentinel": 1,  # detectors: no training
+    "apasi_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 5, "inject": 2,
+                         "reference_logps": 2, "dpo": 2, "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
+    "apasi_qwen2vl_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 5, "inject": 2,
+                         "reference_logps": 2, "dpo": 2, "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
+    "symmpo_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 5, "inject": 2,
+                          "contrast_embeddings": 2, "contrast": 2, "reference_logps": 2, "dpo": 2, "merge": 2,
+                          "evaluate": 3, "summarize": 1, "all": 1},
+    "sentinel_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 2,
+                            "sentinel": 1,  # detectors: no training
                             "reference_logps": 1, "dpo": 1, "merge": 1, "evaluate": 2, "summarize": 1, "all": 1},
 }
 
@@ -157,8 +163,9 @@ def test_dry_run_plans_the_whole_dag_from_nothing(tmp_path, experiment):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert job_counts(out) == EXPECTED_JOBS[experiment] | {"total": sum(EXPECTED_JOBS[experiment].values())}
-    # no toy rule: no rendering, no pretraining, no sampled POPE questions; model_0 is never a file input
+    # no toy rule: no rendering, no pretraining, no sampled POPE questions; model_0 = fetch_model's folder
     for rule in ("render", "pretrain_base", "pope_questions"):
         assert f"rule {rule}:" not in out
     assert "results/data/coco/pope/random.jsonl" in out and "results/downloads/done/llava_detail_23k.json" in out
-    assert "llava-hf" not in out and "Qwen/" not in out
+    assert str(paths.model_marker(compose([f"experiment={experiment}"]), 0)) in out
+    assert "llava-hf/" not in out and "Qwen/" not in out  # a hub id is never read as a path

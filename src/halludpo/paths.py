@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on the Hugging Face hub
+FETCHED = "fetched.json"  # rule fetch_model's marker in a hub model's folder (halludpo.hub)
 
 
 def data_done(cfg: DictConfig) -> Path:
@@ -17,7 +18,24 @@ def data_done(cfg: DictConfig) -> Path:
 
 
 def base_model_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.model.path)
+    """model_0's folder: model.path, or for a hub id the folder rule fetch_model downloads it into."""
+    return hub_model_dir(cfg) if fetched_from_hub(cfg) else Path(cfg.model.path)
+
+
+def fetched_from_hub(cfg: DictConfig) -> bool:
+    """model_0 is a real family's released weights named by a hub id: rule fetch_model downloads them."""
+    return cfg.model.family != "toy" and is_hub_id(cfg.model.path)
+
+
+def hub_revision(cfg: DictConfig) -> str:
+    """model.revision: the branch, tag or commit fetch_model downloads ("main" when the config has none)."""
+    return str(cfg.model.get("revision") or "main")
+
+
+def hub_model_dir(cfg: DictConfig) -> Path:
+    """<models_dir>/hub/<owner>--<name>@<revision>: one folder per repository and revision."""
+    name = f"{cfg.model.path}@{hub_revision(cfg)}".replace("/", "--")
+    return Path(cfg.paths.models_dir) / "hub" / name
 
 
 def round_dir(cfg: DictConfig, k: int) -> Path:
@@ -36,15 +54,15 @@ def is_hub_id(path: str | Path) -> bool:
     return not Path(text).expanduser().exists() and not text.startswith(("/", ".", "~")) and bool(HUB_ID.match(text))
 
 
-def model_marker(cfg: DictConfig, k: int) -> Path | None:
+def model_marker(cfg: DictConfig, k: int) -> Path:
     """A file whose existence means model_k is fully saved (Snakemake tracks files, not folders).
 
-    None for a model_0 that is a hub id (real families start from their released weights, loaded through the
-    Hugging Face cache): there is no file for Snakemake to track and no rule builds it. The toy family's model_0
-    is pretrained by rule pretrain_base; a real family's model_0 in a local folder is tracked by its config.json.
+    The toy family's model_0 is pretrained by rule pretrain_base; a real family's model_0 named by a hub id is
+    downloaded by rule fetch_model, whose marker (fetched.json) is written last; one in a local folder is tracked
+    by its config.json. model_k (k >= 1) is rule merge's config.json.
     """
-    if k == 0 and cfg.model.family != "toy" and is_hub_id(cfg.model.path):
-        return None
+    if k == 0 and fetched_from_hub(cfg):
+        return hub_model_dir(cfg) / FETCHED
     return model_dir(cfg, k) / "config.json"
 
 

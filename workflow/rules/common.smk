@@ -29,6 +29,7 @@ except ConfigError as err:
 
 SRC = Path(workflow.basedir) / "src" / "halludpo"
 CONDA_ENV = "../../envs/halludpo.yaml"  # relative to the rule files
+GPU_ENV = "../../envs/halludpo-gpu.yaml"  # + DeepSpeed (pyproject.toml's `gpu` extra): rule dpo with train.deepspeed
 RESULTS = Path(CFG.paths.results)
 EXP = Path(CFG.paths.experiment_dir)
 ROUNDS = list(range(CFG.rounds + 1))
@@ -87,9 +88,8 @@ def subtree(*keys):
 
 
 def model_marker(wildcards):
-    """model_k's marker file; none for a model_0 given as a hub id (no rule builds it, the stages load it)."""
-    marker = paths.model_marker(CFG, int(wildcards.k))
-    return [] if marker is None else str(marker)
+    """model_k's marker file (model_0 of a hub id: rule fetch_model's, halludpo.paths.model_marker)."""
+    return str(paths.model_marker(CFG, int(wildcards.k)))
 
 
 wildcard_constraints:

@@ -78,7 +78,7 @@ rule dpo:
         config=subtree("train"),
     threads: workflow.cores
     conda:
-        CONDA_ENV
+        GPU_ENV if CFG.train.deepspeed else CONDA_ENV
     log:
         EXP / "logs" / "dpo_r{k}.log",
     benchmark:
