@@ -316,7 +316,7 @@ def live_config(tiny_model_dir, tmp_path):
     """Rule dpo's config of round 0, as training_callbacks reads it (tracking_uri set by the test)."""
     def make(uri: str):
         return OmegaConf.create(fake_config("live_exp") | {
-            "model": {"name": "toy_llava", "path": str(tiny_model_dir)},
+            "model": {"name": "toy_llava", "family": "toy", "path": str(tiny_model_dir)},
             "paths": {"experiment_dir": str(tmp_path / "results" / "live_exp")},
             "tracking": {"enabled": True, "required": True, "tracking_uri": uri, "artifact_location": None},
         })

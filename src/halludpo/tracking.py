@@ -311,9 +311,9 @@ def log_runs(client, uri: str, identity: RunIdentity, artifact_location: str | N
 
 
 class LiveCurve:
-    """Sends round k's training logs to its child run while it trains. Opened on first use (the main process
-    only); if tracking cannot be reached or a request fails, it warns once and stops: training goes on, and
-    summarize logs the curve from train_log.jsonl later."""
+    """Sends round k's training logs to its child run while it trains (the main process only; the runs are opened
+    when training starts). If tracking cannot be reached or a request fails, it warns once and stops: training
+    goes on, and summarize logs the curve from train_log.jsonl later."""
 
     def __init__(self, uri: str, identity: RunIdentity, artifact_location: str | None, k: int, model: str):
         self.uri, self.identity, self.artifact_location, self.k, self.model = uri, identity, artifact_location, k, model
@@ -330,14 +330,22 @@ class LiveCurve:
         log.info("training curves -> MLflow run %s (round_%d of %s at %s)", self.run_id, self.k,
                  self.identity.experiment, self.uri)
 
+    def start(self) -> None:
+        """Open the runs now (when training starts), so the round's run is in the MLflow UI from the first step."""
+        self.guarded(self.open_once)
+
+    def open_once(self) -> None:
+        """open() unless already open."""
+        if self.run_id is None:
+            self.open()
+
     def log(self, step: int, values: dict) -> None:
         """Log one training log (the numbers of a Trainer log entry) at `step`."""
         points = [(n, v, step) for n, v in values.items() if isinstance(v, (int, float))]
         self.guarded(self.send, points)
 
     def send(self, points: list[tuple[str, float, int]]) -> None:
-        if self.run_id is None:
-            self.open()
+        self.open_once()
         metrics = new_points(points, self.logged)
         log_metric_batches(self.client, self.run_id, metrics)
         self.logged.update({(m.key, m.step): m.value for m in metrics})
@@ -378,6 +386,10 @@ def training_callbacks(cfg) -> list:
 
         def __init__(self):
             self.curve = curve
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.curve.start()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs and "loss" in logs:
