@@ -7,7 +7,7 @@ rule summarize:
     """summary.json (one row per model_k) and the MLflow parent run with a child run per round (found again on a
     rerun, not added). A tracking store that cannot be reached fails it with one line unless tracking.required=false."""
     input:
-        code=[SRC / "report.py", SRC / "tracking.py"],
+        code=code("report"),
         chair=expand(rules.evaluate.output.chair, k=ROUNDS),
         pope=expand(rules.evaluate.output.pope, k=ROUNDS),
         train=expand(rules.dpo.output.stats, k=ROUNDS[:-1]),
@@ -33,7 +33,7 @@ COMPARE = normalize_overrides(config.get("compare")) or ["toy_apasi", "toy_mdpo"
 rule compare:
     """One table across experiments (markdown + CSV): CHAIR_s, CHAIR_i, recall, POPE F1 per split, wall s/round."""
     input:
-        code=SRC / "compare.py",
+        code=code("compare"),
         summaries=[str(RESULTS / e / "summary.json") for e in COMPARE],
     output:
         md=str(RESULTS / "comparison.md"),
