@@ -216,6 +216,8 @@ SETTINGS: dict[str, Setting] = {
     "model.pretrain.qa_per_image": COUNT,
     "model.pretrain.qa_weight": NON_NEGATIVE,
     "model.pretrain.qa_probe": integer(0),
+    "model.pretrain.qa_weight_until": nullable(RATE),  # read from the yes/no probe (qa_probe > 0)
+    "model.pretrain.threads": nullable(COUNT),
     # method: APASI (also under a mix) and SENTINEL (method.sentinel.* under a mix)
     "method.name": one_of(*SINGLE, *MIXES),
     "method.sentinel.name": one_of("sentinel"),
