@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 GPU_RULES = {"pretrain_base", "generate", "inject", "sentinel", "contrast_embeddings", "reference_logps", "dpo",
              "evaluate"}
 CPU_RULES = {"render", "prepare", "pope_questions", "contrast", "mix_pairs", "train_verifiers", "merge", "summarize",
-             "compare", "download", "verify"}
+             "compare", "download", "fetch_model", "verify"}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
