@@ -143,6 +143,14 @@ def test_a_pinned_commit_is_not_fetched_again(hub, tmp_path):
     assert not [r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]  # every file already complete
 
 
+def test_an_unknown_revision_fails_with_one_line(hub, tmp_path):
+    result = fetch_stage(tmp_path, hub, "no-such-branch")
+    assert result.returncode == 1
+    error = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(error) == 1 and f"fetch_model {REPO}@no-such-branch:" in error[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "models" / "hub").exists()
+
+
 def test_a_local_folder_or_the_toy_model_has_nothing_to_fetch(tmp_path):
     from halludpo import hub as stage
     from halludpo.io import InputError

@@ -73,7 +73,14 @@ def run(cfg: DictConfig) -> None:
     if not paths.fetched_from_hub(cfg):
         raise InputError(f"model.path={cfg.model.path}: not a hub id of a real family (a local folder is used as it "
                          "is; the toy family is pretrained), so there is nothing to fetch")
-    fetch_model(cfg.model.path, paths.hub_revision(cfg), paths.hub_model_dir(cfg))
+    repo_id, revision = cfg.model.path, paths.hub_revision(cfg)
+    try:
+        fetch_model(repo_id, revision, paths.hub_model_dir(cfg))
+    except InputError:
+        raise
+    except Exception as err:  # HTTP, connection and hub errors of several libraries: one line for the rule's log
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(f"fetch_model {repo_id}@{revision}: {type(err).__name__}: {first}") from err
 
 
 main = stage_main(run)
