@@ -28,7 +28,8 @@ fail() { echo "gpu_check: FAILED: $*" >&2; exit 1; }
 
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   DEVICE=cuda  # asked for, not auto: a stage that cannot see the GPU fails with one line instead of using the CPU
-  echo "gpu_check: GPU: $("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0), '| torch', torch.__version__)")"
+  GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0), '| torch', torch.__version__)")
+  echo "gpu_check: GPU: $GPU"
 else
   DEVICE=cpu
   echo "gpu_check: no GPU (torch.cuda.is_available() is False): running the tiny DAG on the CPU; this checks the" \
@@ -62,7 +63,8 @@ check_logs() {  # experiment, rules whose stage loads a model
 SECONDS=0
 run_experiment toy_apasi ",method.generation.max_new_tokens=24"
 check_logs toy_apasi generate evaluate inject reference_logps dpo merge
-grep -q "training on device $DEVICE" "$WORK"/results/toy_apasi/logs/dpo_r0.log || fail "the Trainer did not run on $DEVICE"
+grep -q "training on device $DEVICE" "$WORK/results/toy_apasi/logs/dpo_r0.log" \
+  || fail "the Trainer did not run on $DEVICE"
 run_experiment toy_sentinel_symmpo ",$SENTINEL"
 check_logs toy_sentinel_symmpo generate evaluate sentinel contrast_embeddings reference_logps dpo merge
 echo "gpu_check: OK: every model stage ran on $DEVICE ($SECONDS s)"
