@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from halludpo import toyworld
-from halludpo.config import stage_main, to_plain
+from halludpo.config import per_round, stage_main, to_plain
 from halludpo.io import InputError, load_image, read_json, write_json
 from halludpo.models import IMAGE_TOKEN, build_toy_model, save_model
 
@@ -228,12 +228,13 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     # (where it stands at the last epoch then depends on float details and the seed). Weighting the question turns
     # makes it appear within a few epochs, but kept up it starves the descriptions: so the weight holds only until
     # the probe says the skill is there (qa_weight_until), then the question turns count like the descriptions.
-    qa_weight = float(pretrain.get("qa_weight", 1.0))
-    qa_weight_until = pretrain.get("qa_weight_until")
+    qa_weights, qa_weight_until, skill_seen = pretrain.get("qa_weight", 1.0), pretrain.get("qa_weight_until"), False
     model.train()
     losses, start = [], time.time()
     bar = tqdm(total=total_steps, desc="pretrain", disable=not progress)
     for epoch in range(pretrain["epochs"]):
+        # a per-epoch schedule (the last entry repeats), or one weight
+        qa_weight = 1.0 if skill_seen else float(per_round(qa_weights, epoch, "model.pretrain.qa_weight"))
         # fresh conversations every epoch: new question objects and turn orders (seeded)
         data = [(pixel_values[i], *encode(processor, messages, n_image_tokens, pretrain["max_length"]), weight)
                 for i, e in enumerate(examples)
@@ -260,8 +261,7 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
             probe_accuracy.append(qa_probe_accuracy(model, probe, processor))
             log.info("epoch %d: yes/no probe accuracy %.3f (%d questions on training images, question weight %g)",
                      epoch, probe_accuracy[-1], len(probe), qa_weight)
-            if qa_weight_until is not None and qa_weight != 1.0 and probe_accuracy[-1] >= qa_weight_until:
-                qa_weight = 1.0
+            skill_seen = skill_seen or (qa_weight_until is not None and probe_accuracy[-1] >= qa_weight_until)
     bar.close()
     model.eval()
     out_dir = Path(out_dir)

@@ -214,7 +214,7 @@ SETTINGS: dict[str, Setting] = {
     "model.arch.max_positions": COUNT,
     "model.pretrain.warmup_frac": number(0, 1, high_open=True),
     "model.pretrain.qa_per_image": COUNT,
-    "model.pretrain.qa_weight": NON_NEGATIVE,
+    "model.pretrain.qa_weight": per_round(NON_NEGATIVE),  # one weight, or one per epoch (the last repeats)
     "model.pretrain.qa_probe": integer(0),
     "model.pretrain.qa_weight_until": nullable(RATE),  # read from the yes/no probe (qa_probe > 0)
     "model.pretrain.threads": nullable(COUNT),
