@@ -271,7 +271,7 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     stats = {"parameters": n_params, "examples": len(examples), "steps": total_steps,
              "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - start, 1),
              "loss_curve": losses[:: max(1, len(losses) // 100)], "qa_probe_accuracy": probe_accuracy}
-    write_json(tmp / "pretrain_stats.json", stats)
+    write_json(tmp / "pretrain_stats.json", {k: v for k, v in stats.items() if k != "seconds"})  # bytes, no timings
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return stats

@@ -362,7 +362,8 @@ def run(cfg: DictConfig) -> None:
                                  callbacks=training_callbacks(cfg))  # MLflow: curves to round k's child run
         if PartialState().is_main_process:  # `accelerate launch` on several GPUs: one writer
             write_jsonl(out_dir / "train_log.jsonl", stats.pop("history"))
-            write_json(out_dir / "train_stats.json", stats)
+            # timings stay in the rule's benchmarks file: the same config gives the same result files
+            write_json(out_dir / "train_stats.json", {k: v for k, v in stats.items() if k != "train_seconds"})
     elif cfg.step == "merge":
         merge_adapter(model_path, paths.train_dir(cfg, k) / "adapter", cfg.model.family, paths.model_dir(cfg, k + 1),
                       cfg.model.dtype, cfg.model.device)

@@ -30,12 +30,6 @@ EXCLUDED_FILES = {
     "mlflow.db",  # the MLflow store: run ids, timestamps
     "mlflow_runs.json",  # pointers into the MLflow store: its run ids are random, its tracking_uri names the workdir
 }
-# Timings in files that are results (the rules' benchmarks have them): compared without these keys until their
-# producers drop them.
-TIMINGS = {
-    "train_stats.json": ("train_seconds",),  # halludpo.train: the Trainer's runtime
-    "pretrain_stats.json": ("seconds",),  # halludpo.pretrain: the pretraining's wall time
-}
 SNAKEMAKE_TIMEOUT = 900  # s per invocation (the helper's own limit)
 FAIL_WITHIN = 30  # s for the whole `snakemake` invocation whose summarize meets a down server (~8 s on 2 cores)
 
@@ -52,16 +46,8 @@ def result_files(workdir: Path) -> dict[str, Path]:
     return files
 
 
-def comparable_bytes(path: Path) -> bytes:
-    """The file's bytes; for a TIMINGS file the JSON without its timing keys."""
-    if path.name in TIMINGS:
-        content = json.loads(path.read_text(encoding="utf-8"))
-        return json.dumps({k: v for k, v in content.items() if k not in TIMINGS[path.name]}).encode("utf-8")
-    return path.read_bytes()
-
-
 def digest(path: Path) -> str:
-    return hashlib.sha256(comparable_bytes(path)).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
