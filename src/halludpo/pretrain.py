@@ -199,6 +199,17 @@ def qa_probe_accuracy(model, items: list, processor, batch_size: int = 64) -> fl
 # Training
 
 
+def epoch_qa_weight(qa_weights, epoch: int) -> float:
+    """The question conversation's loss weight in an epoch: one weight, or a per-epoch schedule whose last entry
+    repeats."""
+    return float(per_round(qa_weights, epoch, "model.pretrain.qa_weight"))
+
+
+def conversations_per_image(qa_weight: float) -> int:
+    """The description, and the questions unless their weight is 0."""
+    return 2 if qa_weight > 0 else 1
+
+
 def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Path, arch: dict, pretrain: dict,
                  progress: bool = True) -> dict:
     """Build and train the toy model; save model + processor with save_pretrained. Returns training stats."""
@@ -211,8 +222,9 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     rng = random.Random(seed)
     n_params = sum(p.numel() for p in model.parameters())
-    steps_per_epoch = math.ceil(2 * len(examples) / pretrain["batch_size"])  # 2 conversations per image
-    total_steps = steps_per_epoch * pretrain["epochs"]
+    qa_weights = pretrain.get("qa_weight", 1.0)
+    total_steps = sum(math.ceil(conversations_per_image(epoch_qa_weight(qa_weights, epoch)) * len(examples)
+                                / pretrain["batch_size"]) for epoch in range(pretrain["epochs"]))
     log.info("toy model: %.2f M parameters, %d examples, %d steps", n_params / 1e6, len(examples), total_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pretrain["lr"], weight_decay=pretrain["weight_decay"])
     if total_steps < 3:
@@ -228,23 +240,23 @@ def pretrain_toy(examples: list[dict], images_dir: str | Path, out_dir: str | Pa
     # (where it stands at the last epoch then depends on float details and the seed). Weighting the question turns
     # makes it appear within a few epochs, but kept up it starves the descriptions: so the weight holds only until
     # the probe says the skill is there (qa_weight_until), then the question turns count like the descriptions.
-    qa_weights, qa_weight_until, skill_seen = pretrain.get("qa_weight", 1.0), pretrain.get("qa_weight_until"), False
+    qa_weight_until, skill_seen = pretrain.get("qa_weight_until"), False
     model.train()
     losses, start = [], time.time()
     bar = tqdm(total=total_steps, desc="pretrain", disable=not progress)
     for epoch in range(pretrain["epochs"]):
-        # a per-epoch schedule (the last entry repeats), or one weight
-        qa_weight = 1.0 if skill_seen else float(per_round(qa_weights, epoch, "model.pretrain.qa_weight"))
+        qa_weight = 1.0 if skill_seen else epoch_qa_weight(qa_weights, epoch)
         # fresh conversations every epoch: new question objects and turn orders (seeded)
         data = [(pixel_values[i], *encode(processor, messages, n_image_tokens, pretrain["max_length"]), weight)
                 for i, e in enumerate(examples)
-                for messages, weight in zip(conversations(e, rng, pretrain["qa_per_image"]), (1.0, qa_weight))]
+                for messages, weight in zip(conversations(e, rng, pretrain["qa_per_image"]), (1.0, qa_weight))
+                if weight > 0]  # a weight of 0: the epoch has no question conversations at all
         order = list(range(len(data)))
         rng.shuffle(order)
         for b in range(0, len(order), pretrain["batch_size"]):
             batch = collate([data[i] for i in order[b: b + pretrain["batch_size"]]], processor.tokenizer.pad_token_id)
             weights = batch.pop("loss_weights")
-            if qa_weight == 1.0:  # the model's own loss: the same bytes as before qa_weight existed
+            if qa_weight in (0.0, 1.0):  # every row weighs 1: the model's own loss (the same bytes as before)
                 loss = model(**batch).loss
             else:
                 labels = batch.pop("labels")
