@@ -167,3 +167,26 @@ def test_qa_weight_changes_training_only_when_set(examples, tiny_world, tmp_path
         assert math.isfinite(stats["final_loss"])
         digests[run] = hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest()
     assert digests["absent"] == digests["one"] != digests["four"]
+
+
+def test_qa_weight_schedule_and_the_probe_switch(examples, tiny_world, tmp_path):
+    """qa_weight as a per-epoch schedule: a weight of 0 leaves the question conversations out of that epoch (fewer
+    steps); qa_weight_until switches the weight to 1 once the yes/no probe reaches it -- with a threshold of 0 the
+    switch comes after epoch 0, so [4 then until 0] trains the same bytes as the schedule [4, 1]."""
+    import hashlib
+
+    from halludpo.pretrain import pretrain_toy
+
+    pretrain = dict(seed=3, epochs=2, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_frac=0.1, qa_per_image=2,
+                    max_length=120, qa_probe=4)
+    n = len(examples)
+    runs = {"no_questions_first": {"qa_weight": [0.0, 1.0]}, "schedule": {"qa_weight": [4.0, 1.0]},
+            "until": {"qa_weight": 4.0, "qa_weight_until": 0.0}}
+    stats, digests = {}, {}
+    for run, extra in runs.items():
+        stats[run] = pretrain_toy(examples, tiny_world / "train" / "images", tmp_path / run, TINY_ARCH,
+                                  pretrain | extra, progress=False)
+        digests[run] = hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest()
+    assert stats["no_questions_first"]["steps"] == math.ceil(n / 16) + math.ceil(2 * n / 16)
+    assert stats["schedule"]["steps"] == 2 * math.ceil(2 * n / 16)
+    assert digests["until"] == digests["schedule"] != digests["no_questions_first"]
