@@ -1,5 +1,5 @@
-"""The real-scale experiments (7B models on COCO): composed values against the papers (methods.md,
-evaluation.md), model_0 from the hub, the data config schema, and a dry run of the whole DAG from nothing."""
+"""The real-scale experiments (7B models on COCO): composed values against the papers (docs/methods.md,
+docs/evaluation.md), model_0 from the hub, the data config schema, and a dry run of the whole DAG from nothing."""
 
 from __future__ import annotations
 

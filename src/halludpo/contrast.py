@@ -7,7 +7,7 @@ processes and machines (Python's hash() is salted per process).
 mDPO: m_c = corrupt_image(m, example_seed(...)), sampled once per example so policy and reference see the same crop.
 SymMPO: m' = the nearest neighbour of m among the training images by the model's own mean-pooled image features
 (`image_embeddings` -> `nearest_neighbours` -> `contrast_rows`, which adds contrast_image_path and chosen_contrast
-to each pair, DESIGN.md "Data contracts"); `black_image` and `noise_image` are the ablation contrasts.
+to each pair, docs/methods.md "Data contracts"); `black_image` and `noise_image` are the ablation contrasts.
 
 Stage `contrast` (config group contrast/, kind = corrupt | black | noise | neighbour):
 

@@ -8,7 +8,7 @@ safetensors only, no remote code) answer "is a <name> in this image?" for a batc
 An object is PRESENT when at least one predicted box scores above the detector's threshold for THAT object:
 
 * GroundingDINO (model types ``grounding-dino``, ``mm-grounding-dino``): the names go in one lower-case prompt
-  "a. b. c." (methods.md, the original SENTINEL). A box counts when its score (the max token probability, as in
+  "a. b. c." (as the original SENTINEL asks it). A box counts when its score (the max token probability, as in
   ``post_process_grounded_object_detection``) exceeds ``box_threshold`` AND the max probability over the tokens of
   the object's own span exceeds ``text_threshold``. Spans come from the tokenizer's character offsets of each
   name inside the prompt, so labels map back to our names BY QUERY INDEX: the processor's text labels (decoded

@@ -2,7 +2,7 @@
 
     python -m halludpo.generate round=0 split=eval     # the CHAIR descriptions of round 0's model
 
-Each row: {image_id, image_path, prompt, response, model, round, sampling} (DESIGN.md contract).
+Each row: {image_id, image_path, prompt, response, model, round, sampling} (docs/methods.md "Data contracts").
 """
 
 from __future__ import annotations

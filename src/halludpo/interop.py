@@ -3,8 +3,9 @@
     python -m halludpo.interop import --format apasi --src SI-23k.parquet --out pairs.jsonl --image-root coco/train2017
     python -m halludpo.interop export --format trl --src pairs.jsonl --out trl.jsonl
 
-Our contract (DESIGN.md): {image_id, image_path, prompt, context, chosen, rejected, method, meta{...}}, plus
-ref_logps {chosen, rejected} (summed reference log-probs, train.py's layout) when the source stores them.
+Our contract (docs/methods.md "Data contracts"): {image_id, image_path, prompt, context, chosen, rejected, method,
+meta{...}}, plus ref_logps {chosen, rejected} (summed reference log-probs, train.py's layout) when the source stores
+them.
 
 Formats (the FORMATS registry at the bottom; each is one importer and one exporter):
   apasi         APASI SI-23k/SI-130k = the RLHF-V parquet layout: {ds_name, text, origin_dataset, origin_split, idx,

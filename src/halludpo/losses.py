@@ -3,7 +3,7 @@
 Layout used everywhere: a (segments x batch) tensor of summed response log-probs, one row per scored
 (image, response) segment. Plain DPO and C-DPO have 2 segments, rows [chosen, rejected]; mDPO and SymMPO add
 image-contrast segments. `policy` and `reference` have the same layout.
-r(s) = policy[s] - reference[s] is the implicit reward without beta (methods.md).
+r(s) = policy[s] - reference[s] is the implicit reward without beta (docs/methods.md).
 
 Row orders (segments):
     sigmoid, cdpo  (2): [y_w | m, y_l | m]
@@ -87,7 +87,7 @@ def mdpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float = 0.1)
 
 
 def mdpo(policy: torch.Tensor, reference: torch.Tensor, beta: float = 0.1) -> LossOutput:
-    """mDPO, conditional preference optimisation (Wang et al. 2024; methods.md "mDPO").
+    """mDPO, conditional preference optimisation (Wang et al. 2024; docs/methods.md "mDPO").
 
         L = -log sigmoid(beta * [r(m, y_w) - r(m, y_l)])      response preference (plain DPO)
             -log sigmoid(beta * [r(m, y_w) - r(m_c, y_w)])    image-conditional: y_w is better with m than with m_c
@@ -128,7 +128,7 @@ def symmpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta1: float = 0
 
 def symmpo(policy: torch.Tensor, reference: torch.Tensor, beta1: float = 0.1, beta2: float = 0.1,
            lam: float = 0.5, gamma: float = 1e-4) -> LossOutput:
-    """SymMPO, symmetric multimodal preference optimisation (methods.md "SymMPO").
+    """SymMPO, symmetric multimodal preference optimisation (docs/methods.md "SymMPO").
 
         h_dpo = r(m, y_w) - r(m, y_l)
         h1    = r(m, y_w) - r(m, y'_w)        y_w fits m better than the contrast image's answer does

@@ -7,7 +7,8 @@ APASI (rule inject) injects hallucinations into model_k's descriptions; SENTINEL
 and keeps pairs at the first hallucinated sentence with its context; a mixed method concatenates both (rule
 mix_pairs, halludpo.mixing).
 
-Writes pairs.jsonl: {image_id, image_path, prompt, context, chosen, rejected, method, meta{...}} (DESIGN.md).
+Writes pairs.jsonl: {image_id, image_path, prompt, context, chosen, rejected, method, meta{...}}
+(docs/methods.md "Data contracts").
 """
 
 from __future__ import annotations

@@ -314,7 +314,7 @@ def sample_contexts(sample_fn: SampleFn, items: Sequence[Mapping], n: int, max_s
 
 def pair_row(item: Mapping, step: dict, win: int, lose: int, is_last_sent: bool, win_rule: str = WIN_COHERENT
              ) -> dict:
-    """One pairs.jsonl row (DESIGN contract): prompt = the question, context = the description so far,
+    """One pairs.jsonl row (docs/methods.md "Data contracts"): prompt = the question, context = the description so far,
     chosen = y_win, rejected = y_lose; the training response is context + CONTEXT_SEPARATOR + chosen/rejected."""
     chosen, rejected = step["sentences"][win], step["sentences"][lose]
     hallucinated = [o for o, v in rejected["verdicts"].items() if v == HALLUCINATED]

@@ -3,9 +3,10 @@ models that can be wrong, standing in for the original's two open-vocabulary det
 
 * kind "cnn": a small convolutional multi-label classifier (3 conv blocks, global max pool, one logit per category);
 * kind "features": logistic regression on hand-made features, a colour histogram + downsampled pixels (no
-  convolution, so it sees colours well and shapes badly: a different architecture that errs differently).
+  convolution, so it sees colours well and shapes badly: a different architecture that errs differently);
+* kind "mlp": the same features through one hidden ReLU layer (still no convolution).
 
-Both are trained on a split's COCO annotations (multi-label targets: category present in the image) with binary
+Each is trained on a split's COCO annotations (multi-label targets: category present in the image) with binary
 cross-entropy. :class:`AnnotationOracleVerifier` reads the ground truth instead: an explicitly named ablation, never a
 default. Weights are saved as safetensors plus a JSON meta file, each written atomically.
 """
