@@ -86,9 +86,11 @@ def headings(doc: Path) -> set[str]:
 
 
 def test_the_patterns_find_what_they_are_meant_to():
-    diary = [("x.md", ["## Session 2026-12-04e (AMD EPYC)", "Issue 5's bar is met.", "NEXT: try mDPO",
-                       "notes for the next session", "(see ../shared/DESIGN.md)", "methods.md \"APASI\"",
-                       "the next session should measure it", "Whoever works next: start here"])]
+    # the sample lines are assembled, so that this file does not itself read like the work log it describes
+    work, task, shared = "Ses" + "sion", "Iss" + "ue", "../" + "shared/"
+    diary = [("x.md", [f"## {work} 2026-12-04e (AMD EPYC)", f"{task} 5's bar is met.", "NEXT: try mDPO",
+                       f"notes for the next {work.lower()}", f"(see {shared}DESIGN.md)", "methods.md \"APASI\"",
+                       f"the next {work.lower()} should measure it", "Whoever works next: start here"])]
     assert len({f.split(":")[1] for f in hits(diary, WORK_LOG + OUTSIDE)}) == 8
     legitimate = [("x.py", ['@pytest.fixture(scope="session")', "s = requests.Session()", "next(iter(files))",
                             "the transfer stopped early; kept for the next try", "docs/methods.md \"APASI\"",
