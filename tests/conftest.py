@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import pytest
 
@@ -78,3 +80,16 @@ def workdir_with_tiny_base(tiny_pipeline, tmp_path):
     for shared in ("data", "models"):
         shutil.copytree(base / "results" / shared, tmp_path / "results" / shared)
     return tmp_path
+
+
+@contextlib.contextmanager
+def serving(server):
+    """Run an http.server-style server on a background thread for the block; shut it down after."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

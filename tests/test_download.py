@@ -8,7 +8,6 @@ import json
 import os
 import re
 import tarfile
-import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 from halludpo.download import (ChecksumError, DownloadInterrupted, EntryError, check_entry, fetch, fetch_all,
                                lock_path, marker_path, marker_paths, partial_path, requested_names, run,
                                select_entries)
+from tests.conftest import serving
 
 FILES = {"data/a.txt": b"alpha\n" * 50, "data/sub/b.txt": b"beta\n" * 70}
 
@@ -83,13 +83,8 @@ class RangeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = FileServer()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    with serving(FileServer()) as srv:
+        yield srv
 
 
 def sha256(data: bytes) -> str:

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -20,7 +19,7 @@ import pytest
 from halludpo import paths
 from halludpo.config import compose
 from halludpo.models import build_toy_model, load_model_and_processor, save_model
-from tests.conftest import TINY_ARCH
+from tests.conftest import TINY_ARCH, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "test-org/tiny-llava"
@@ -94,13 +93,8 @@ def hub(tmp_path_factory):
     save_model(model, processor, folder)
     files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     files |= {"pytorch_model.bin": b"pickled weights", "README.md": b"# tiny llava\n"}
-    server = HubServer(files)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with serving(HubServer(files)) as server:
+        yield server
 
 
 def fetch_stage(results: Path, hub: HubServer, revision: str) -> subprocess.CompletedProcess:
