@@ -294,7 +294,7 @@ def run(cfg: DictConfig) -> None:
         raise ValueError(f"model.family={cfg.model.family!r} is pretrained already; pretrain_base is for 'toy'")
     examples = load_split(cfg.data.train_instances, cfg.data.train_captions)
     m = to_plain(cfg.model)
-    # a fixed thread count, whatever the rule was given: it decides how reductions split, so model_0's bytes
+    # a fixed thread count, whatever the rule was given: it decides how reductions split, and so model_0's bytes
     threads = m["pretrain"].get("threads")
     if threads:
         torch.set_num_threads(threads)
