@@ -292,7 +292,7 @@ def test_pipeline_runs_without_an_activated_venv(tmp_path):
 
 @pytest.mark.parametrize("experiment, expected", [("toy_sentinel", " --config experiment=toy_sentinel"), ("", "")])
 def test_make_run_takes_an_experiment(experiment, expected):
-    made = subprocess.run(["make", "--no-print-directory", "-n", "-o", "setup", "run", f"EXPERIMENT={experiment}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    made = subprocess.run(["make", "--no-print-directory", "-n", "-o", "setup", "run", f"EXPERIMENT={experiment}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     assert made.stdout.strip() == f".venv/bin/snakemake --cores 2{expected}"
