@@ -27,7 +27,7 @@ from halludpo.io import (
     write_jsonl,
 )
 from halludpo.metrics.chair import COCO_COMPOUNDS, ChairScorer, ground_truth_from_coco, load_synonyms
-from halludpo.metrics.pope import build_questions, parse_answer, pope_metrics
+from halludpo.metrics.pope import PARSE_DESCRIPTIONS, build_questions, parse_answer, pope_metrics
 from halludpo.metrics.text import get_text_pipeline
 from halludpo.models import load_model_and_processor
 
@@ -117,14 +117,17 @@ def answer_questions(model, processor, questions: list[dict], images_dir: str | 
 
 
 def evaluate_pope(model, processor, question_files: dict[str, Path], images_dir: str | Path, max_new_tokens: int,
-                  batch_size: int) -> tuple[dict, list[dict]]:
+                  batch_size: int, parse: str = "pope") -> tuple[dict, list[dict]]:
+    """parse: the answer parsing rule (eval.pope.parse; halludpo.metrics.pope.PARSE_RULES)."""
+    if parse not in PARSE_DESCRIPTIONS:
+        raise ValueError(f"eval.pope.parse={parse!r}; valid: {', '.join(PARSE_DESCRIPTIONS)}")
     per_split = {s: read_jsonl(p, required=QUESTION_FIELDS) for s, p in question_files.items()}
     answers = answer_questions(model, processor, [q for qs in per_split.values() for q in qs], images_dir,
                                max_new_tokens, batch_size)
     metrics, samples = {}, []
     for split, qs in per_split.items():
         raw = [answers[(q["image_id"], q["text"])] for q in qs]
-        preds = [parse_answer(a) for a in raw]
+        preds = [parse_answer(a, parse) for a in raw]
         metrics[split] = pope_metrics([q["label"] for q in qs], preds)
         samples += [q | {"split": split, "answer": a, "prediction": p} for q, a, p in zip(qs, raw, preds)]
     protocol = {
@@ -134,7 +137,8 @@ def evaluate_pope(model, processor, question_files: dict[str, Path], images_dir:
         "image_ids": sorted({q["image_id"] for qs in per_split.values() for q in qs}),
         "decoding": decoding_kwargs({}, max_new_tokens),
         "max_new_tokens": max_new_tokens,
-        "answer_parsing": "POPE: text before the first '.', commas dropped; no/not/NO or *n't -> no, else yes",
+        "answer_parsing": PARSE_DESCRIPTIONS[parse],
+        "answer_parsing_rule": parse,
         "positive_class": "yes",
         "versions": package_versions(),
     }
@@ -166,7 +170,7 @@ def run(cfg: DictConfig) -> None:
     model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype,
                                                 cfg.model.device)
     pope, samples = evaluate_pope(model, processor, pope_question_files(cfg), cfg.data.eval_images,
-                                  cfg.eval.pope.max_new_tokens, cfg.eval.batch_size)
+                                  cfg.eval.pope.max_new_tokens, cfg.eval.batch_size, parse=cfg.eval.pope.parse)
     pope["round"] = k
     pope["protocol"]["model"] = str(paths.model_dir(cfg, k))
     pope["protocol"]["config"] = to_plain(cfg.eval.pope)

@@ -275,6 +275,7 @@ SETTINGS: dict[str, Setting] = {
     "eval.pope.n_images": COUNT,
     "eval.pope.min_objects": COUNT,
     "eval.pope.per_image": COUNT,
+    "eval.pope.parse": one_of("pope", "opera"),      # halludpo.metrics.pope.PARSE_RULES
     # tracking
     "tracking.enabled": flag(),
     "tracking.required": flag(),

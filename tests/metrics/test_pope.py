@@ -1,8 +1,14 @@
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
+import yaml
 
+from halludpo.data import read_pope_file
 from halludpo.metrics.pope import (
+    PARSE_RULES,
     build_questions,
     co_occurrence,
     image_frequency,
@@ -190,26 +196,58 @@ def test_adversarial_picker_and_fallback():
 # --- answers and metrics ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("answer", "parsed"),
-    [
-        ("No, there is not.", "no"),
-        ("Yes. No.", "yes"),  # only the text before the first '.' counts
-        ("There isn't", "no"),
-        ("There isn't.", "no"),
-        ("no", "no"),
-        ("NO", "no"),
-        ("No.", "no"),
-        ("no, ", "no"),
-        ("I do not see one", "no"),
-        ("Yes, there is a dog in the image.", "yes"),
-        ("", "yes"),  # empty answer counts as yes, as in the original
-        ("Not really", "yes"),  # 'Not' is not a negation word in the original
-        ("Nope", "yes"),
-    ],
-)
-def test_parse_answer(answer, parsed):
-    assert parse_answer(answer) == parsed
+# (answer, POPE / LLaVA rule, OPERA rule). pope: text before the first '.', commas dropped, words split at ' ',
+# 'No' / 'not' / 'no' -> no. opera: every '.' and ',' dropped (the whole answer), 'No' / 'not' / 'no' / 'NO' or a
+# word ending in "n't" -> no. Everything else is yes.
+PARSE_CASES = [
+    ("No, there is not.", "no", "no"),
+    ("Yes. No.", "yes", "no"),  # pope reads the first sentence only; opera the whole answer
+    ("Yes, there is a dog. It is not a cat.", "yes", "no"),
+    ("There isn't", "yes", "no"),  # "n't" is a negation for opera only
+    ("There isn't.", "yes", "no"),
+    ("Don't know", "yes", "no"),
+    ("NO", "yes", "no"),  # 'NO' is a negation for opera only
+    ("no", "no", "no"),
+    ("No.", "no", "no"),
+    ("no, ", "no", "no"),
+    (" no", "no", "no"),  # split at single spaces: ['', 'no']
+    ("I do not see one", "no", "no"),
+    ("There is no dog", "no", "no"),
+    ("Yes, there is a dog in the image.", "yes", "yes"),
+    ("", "yes", "yes"),  # the empty answer is yes in both originals
+    ("Not really", "yes", "yes"),  # 'Not' is in neither list
+    ("Nope", "yes", "yes"),
+    ("nothing", "yes", "yes"),
+    ("No\nthere is none", "yes", "yes"),  # split at spaces only: the word is 'No\nthere'
+]
+
+
+@pytest.mark.parametrize(("answer", "pope", "opera"), PARSE_CASES)
+def test_parse_answer_both_rules(answer, pope, opera):
+    assert parse_answer(answer, "pope") == pope
+    assert parse_answer(answer, "opera") == opera
+
+
+def test_parse_answer_default_is_the_original_rule():
+    assert PARSE_RULES == ("pope", "opera")
+    assert [parse_answer(a) for a, _, _ in PARSE_CASES] == [pope for _, pope, _ in PARSE_CASES]
+
+
+def test_parse_answer_unknown_rule_names_the_valid_ones():
+    with pytest.raises(ValueError, match="pope, opera"):
+        parse_answer("yes", "lmms")
+
+
+def test_the_rule_changes_the_metrics():
+    labels = ["no", "no", "no", "yes"]
+    answers = ["There isn't a dog.", "NO", "Yes. No.", "Yes, there is."]
+    # pope: yes yes yes yes -> TP=1 FP=3: accuracy 1/4, precision 1/4, recall 1, F1 = 2(1/4)(1)/(5/4) = 2/5
+    pope = pope_metrics(labels, [parse_answer(a, "pope") for a in answers])
+    assert (pope["accuracy"], pope["precision"], pope["recall"]) == (0.25, 0.25, 1.0)
+    assert pope["f1"] == pytest.approx(0.4) and pope["yes_ratio"] == 1.0
+    # opera: no no no yes -> TP=1 TN=3: everything 1, yes_ratio 1/4
+    opera = pope_metrics(labels, [parse_answer(a, "opera") for a in answers])
+    assert (opera["accuracy"], opera["f1"], opera["yes_ratio"]) == (1.0, 1.0, 0.25)
 
 
 def test_pope_metrics_hand_example():
@@ -235,3 +273,70 @@ def test_pope_metrics_undefined_are_zero():
 def test_pope_metrics_length_mismatch():
     with pytest.raises(ValueError):
         pope_metrics(["yes"], [])
+
+
+# --- POPE's released question files through the loader the prepare stage runs on the downloads ----------------
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "pope"
+
+
+def released(folder: Path) -> dict[str, list[dict]]:
+    return {split: read_pope_file(folder / f"coco_pope_{split}.json") for split in ("random", "popular", "adversarial")}
+
+
+def check_splits_share_images_and_yes_questions(splits: dict[str, list[dict]]) -> None:
+    """POPE's design, in the released files: the same images, and the same 'yes' questions, in every split."""
+    images = {s: [q["image_id"] for q in rows] for s, rows in splits.items()}
+    yes = {s: [(q["image_id"], q["object"]) for q in rows if q["label"] == "yes"] for s, rows in splits.items()}
+    assert images["random"] == images["popular"] == images["adversarial"]
+    assert yes["random"] == yes["popular"] == yes["adversarial"]
+    for rows in splits.values():
+        assert [q["label"] for q in rows] == ["yes", "no"] * (len(rows) // 2)
+
+
+def test_fixture_cut_of_the_released_files_loads():
+    splits = released(FIXTURES)
+    assert (FIXTURES / "LICENSE").read_text().startswith("MIT License")
+    check_splits_share_images_and_yes_questions(splits)
+    first = splits["random"][0]
+    assert first == {"question_id": 1, "image_id": 310196, "file_name": "COCO_val2014_000000310196.jpg",
+                     "object": "snowboard", "label": "yes", "text": "Is there a snowboard in the image?"}
+    assert splits["random"][10]["object"] == "umbrella"  # "Is there an umbrella in the image?"
+    for rows in splits.values():
+        assert len(rows) == 12 and [q["question_id"] for q in rows] == list(range(1, 13))
+        assert sorted({q["image_id"] for q in rows}) == [210789, 310196]
+    assert [q["object"] for q in splits["random"] if q["label"] == "yes"] == [
+        "snowboard", "person", "skis", "truck", "person", "umbrella"]
+    negatives = {s: [q["object"] for q in rows if q["label"] == "no"] for s, rows in splits.items()}
+    assert negatives == {
+        "random": ["car", "sandwich", "couch", "pizza", "sink", "cell phone"],
+        "popular": ["dining table", "car", "chair", "dining table", "car", "chair"],
+        "adversarial": ["backpack", "car", "dog", "car", "dining table", "handbag"],
+    }
+
+
+POPE_DIR = os.environ.get("HALLUDPO_POPE_DIR")
+
+
+@pytest.mark.skipif(not POPE_DIR, reason="HALLUDPO_POPE_DIR (a folder with POPE's coco_pope_<split>.json) not set")
+def test_the_released_files_load_whole():
+    folder = Path(POPE_DIR)
+    entries = yaml.safe_load((ROOT / "configs" / "download" / "default.yaml").read_text())["entries"]
+    for split in ("random", "popular", "adversarial"):  # the very files the download stage pins
+        digest = hashlib.sha256((folder / f"coco_pope_{split}.json").read_bytes()).hexdigest()
+        assert digest == entries[f"pope_coco_{split}"]["sha256"], split
+    splits = released(folder)
+    check_splits_share_images_and_yes_questions(splits)
+    for rows in splits.values():
+        assert len(rows) == 3000 and [q["question_id"] for q in rows] == list(range(1, 3001))
+        assert len({q["image_id"] for q in rows}) == 500
+        assert sum(q["label"] == "yes" for q in rows) == 1500
+        assert len({q["object"] for q in rows if q["label"] == "yes"}) == 79
+    assert min(q["image_id"] for q in splits["random"]) == 1171
+    assert max(q["image_id"] for q in splits["random"]) == 580294
+    # distinct absent objects asked about: popular keeps to the few most frequent ones
+    assert {s: len({q["object"] for q in rows if q["label"] == "no"}) for s, rows in splits.items()} == {
+        "random": 79, "popular": 10, "adversarial": 57}
+    # what the evaluate stage asks the model: each distinct (image, question) once over the three splits
+    assert len({(q["image_id"], q["text"]) for rows in splits.values() for q in rows}) == 5127

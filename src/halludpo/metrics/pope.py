@@ -17,7 +17,23 @@ from typing import Any
 
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 
-NEGATION_WORDS = frozenset({"No", "not", "no", "NO"})
+# Answer parsing rules (eval.pope.parse). Both read the raw answer as the released scripts do: no stripping,
+# no lower-casing, words = the text split at single spaces.
+#   pope:  POPE's evaluate.py (RUCAIBox/POPE at 3df3ba1b110e), the same rule as LLaVA's llava/eval/eval_pope.py:
+#          keep the text before the first '.', drop commas; "no" if a word is 'No', 'not' or 'no'.
+#   opera: OPERA's pope_eval.py (shikiw/OPERA at 61426efe4e2e, function recorder): drop EVERY '.' and ',' (so
+#          the whole answer counts, not its first sentence); "no" if a word is 'No', 'not', 'no' or 'NO', or a
+#          word ends in "n't".
+# Anything else, the empty answer included, is "yes" under both.
+PARSE_RULES: tuple[str, ...] = ("pope", "opera")
+POPE_NEGATION_WORDS = frozenset({"No", "not", "no"})
+OPERA_NEGATION_WORDS = frozenset({"No", "not", "no", "NO"})
+PARSE_DESCRIPTIONS: dict[str, str] = {
+    "pope": "pope (POPE's evaluate.py, LLaVA's eval_pope.py): text before the first '.', commas dropped, split at "
+            "spaces; a word 'No', 'not' or 'no' -> no, else yes",
+    "opera": "opera (OPERA's pope_eval.py): every '.' and ',' dropped, split at spaces; a word 'No', 'not', 'no' "
+             "or 'NO', or a word ending in \"n't\" -> no, else yes",
+}
 
 
 def _load_coco_quietly(path: str | os.PathLike[str]):
@@ -165,17 +181,23 @@ def _image_pairs(
     return pairs
 
 
-def parse_answer(text: str) -> str:
-    """POPE answer parsing -> "yes" or "no".
+def parse_answer(text: str, rule: str = "pope") -> str:
+    """A yes/no answer -> "yes" or "no" by ``rule`` (see PARSE_RULES above; default: the original POPE rule).
 
-    Keep the text before the first '.', drop commas, split on single spaces;
-    "no" if any word is 'No', 'not', 'no' or 'NO' or ends in "n't", else "yes".
-    As in the original, anything else, including the empty answer, is "yes".
+    pope:  words = text before the first '.', commas dropped, split at ' '; "no" if any word is 'No', 'not'
+           or 'no'.
+    opera: words = the whole text with every '.' and ',' dropped, split at ' '; "no" if any word is 'No',
+           'not', 'no' or 'NO' or ends in "n't".
+    Everything else, including the empty answer, is "yes" (both originals).
     """
-    words = text.split(".")[0].replace(",", "").split(" ")
-    if any(word in NEGATION_WORDS or word.endswith("n't") for word in words):
-        return "no"
-    return "yes"
+    if rule == "pope":
+        words = text.split(".")[0].replace(",", "").split(" ")
+        return "no" if any(word in POPE_NEGATION_WORDS for word in words) else "yes"
+    if rule == "opera":
+        words = text.replace(".", "").replace(",", "").split(" ")
+        negated = any(word in OPERA_NEGATION_WORDS or word.endswith("n't") for word in words)
+        return "no" if negated else "yes"
+    raise ValueError(f"Unknown POPE answer parsing rule {rule!r}; valid: {', '.join(PARSE_RULES)}")
 
 
 def _ratio(numerator: int, denominator: int) -> float:
