@@ -276,6 +276,18 @@ SETTINGS: dict[str, Setting] = {
     "eval.pope.min_objects": COUNT,
     "eval.pope.per_image": COUNT,
     "eval.pope.parse": one_of("pope", "opera"),      # halludpo.metrics.pope.PARSE_RULES
+    "eval.judge.base_url": nullable(text()),         # null: no judge; judge-scored benchmarks refuse to run
+    "eval.judge.model": text(),                       # pinned: a dated snapshot, recorded in every result
+    "eval.judge.api_key_env": text(),                 # the NAME of the key's variable (halludpo.judge checks it)
+    "eval.judge.max_retries": integer(0),
+    "eval.judge.timeout": POSITIVE,
+    "eval.judge.backoff": NON_NEGATIVE,
+    "eval.judge.backoff_max": NON_NEGATIVE,
+    "eval.judge.price_input_per_1k": NON_NEGATIVE,
+    "eval.judge.price_output_per_1k": NON_NEGATIVE,
+    "eval.judge.output_tokens_estimate": COUNT,
+    "eval.judge.cache_dir": text(),
+    "eval.judge.parameters.temperature": NON_NEGATIVE,  # before **.temperature: the judges' 0.0 is valid
     # tracking
     "tracking.enabled": flag(),
     "tracking.required": flag(),
