@@ -341,5 +341,160 @@ def cooccurrence_rate(instances: dict) -> float:
     return hits / max(total, 1)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# AMBER's format
+
+
+AMBER_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def amber_word(category: str) -> str:
+    """A category as one word of AMBER's vocabulary: its last word ("traffic light" -> "light"), as AMBER's nouns
+    are single tokens."""
+    return category.split()[-1]
+
+
+def glyph_mask(obj: str, box, image_size: int) -> np.ndarray:
+    """The pixels the renderer draws for ``obj`` in ``box`` (bool, image_size x image_size), noise aside."""
+    shape, _ = glyph_of(categories().index(obj))
+    mask = Image.new("L", (image_size, image_size), 0)
+    draw_glyph(ImageDraw.Draw(mask), shape, 255, box)
+    return np.asarray(mask) > 0
+
+
+def in_contact(mask: np.ndarray, other: np.ndarray) -> bool:
+    """True when two drawn glyphs overlap or touch (a pixel of one among the 8 neighbours of a pixel of the other)."""
+    grown = mask.copy()
+    grown[1:, :] |= mask[:-1, :]
+    grown[:-1, :] |= mask[1:, :]
+    wide = grown.copy()
+    wide[:, 1:] |= grown[:, :-1]
+    wide[:, :-1] |= grown[:, 1:]
+    return bool((wide & other).any())
+
+
+def _plural(name: str) -> str:
+    from lemminflect import getInflection
+
+    *head, last = name.split()
+    forms = getInflection(last, tag="NNS")
+    return " ".join([*head, forms[0] if forms else last + "s"])
+
+
+def _how_many(name: str, n: int) -> str:
+    """"Is there one fork" / "Are there two forks"."""
+    if n == 1:
+        return f"Is there one {name}"
+    return f"Are there {AMBER_NUMBERS[n] if n < len(AMBER_NUMBERS) else n} {_plural(name)}"
+
+
+def write_amber_split(world_dir: str | Path, out_dir: str | Path, split: str = "eval", n_hallu: int = 5,
+                      seed: int = 0) -> dict:
+    """Write a rendered split of the toy world in AMBER's format, so halludpo.metrics.amber can score it.
+
+    Reads ``world_dir/<split>/instances.json`` and ``world_dir/world.json``; writes into ``out_dir``
+    annotations.json, relation.json, safe_words.txt (empty), query_generative.json, query_discriminative.json and
+    query_discriminative-{attribute,existence,relation}.json. Ids follow AMBER: one generative item per image
+    (1..N, images in file order), then the attribute, existence and relation questions in that order. Query
+    entries also carry the toy ``image_id``. Words in the annotation lists are :func:`amber_word`; question texts
+    use the category names.
+
+    - truth: the image's categories in annotation order; hallu: up to ``n_hallu`` absent categories that co-occur
+      with the present ones in this split, most co-occurrences first (summed over the present categories), ties
+      by name (a partner of a present object usually comes first).
+    - attribute (kinds state and number; the toy world draws no actions), per present category, each a "yes"
+      question followed by a "no" one: its glyph colour against another colour (drawn with ``seed``), its size
+      class as the captions name it (small below the middle of the glyph size range, else large) against the
+      other, and its instance count against one more.
+    - existence: "Is there a <hallu> in this image?", all "no", as in AMBER.
+    - relation: "Is there direct contact between the <a> and <b>?" for every pair of present categories: "yes"
+      when their drawn glyphs overlap or touch.
+
+    relation.json maps every category's word to its one-word synonyms of the toy world's table. Returns the
+    counts per task and dimension.
+    """
+    from halludpo.io import read_json
+
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    world = read_json(world_dir / "world.json")
+    instances = read_json(world_dir / split / "instances.json")
+    config = world["config"]
+    size_middle = (config["min_glyph"] + config["max_glyph"]) / 2
+    words = {category: amber_word(category) for category in categories()}
+    if len(set(words.values())) != len(words):
+        raise ValueError("two toy categories share their AMBER word")
+    names = {category["id"]: category["name"] for category in instances["categories"]}
+    placed: dict[int, list[tuple[str, list]]] = {image["id"]: [] for image in instances["images"]}
+    for annotation in instances["annotations"]:
+        placed[annotation["image_id"]].append((names[annotation["category_id"]], annotation["bbox"]))
+    present = {image_id: list(dict.fromkeys(name for name, _ in objects)) for image_id, objects in placed.items()}
+    co: dict[str, dict[str, int]] = {}
+    for objects in present.values():
+        for a in objects:
+            for b in objects:
+                if a != b:
+                    co.setdefault(a, {})[b] = co.get(a, {}).get(b, 0) + 1
+
+    annotations, generative_queries = [], []
+    attribute, existence, relation = [], [], []  # (image, truth, type, query) per dimension, in AMBER's id order
+    for k, image in enumerate(instances["images"], start=1):
+        image_id, objects = image["id"], present[image["id"]]
+        scores = {name: sum(co.get(p, {}).get(name, 0) for p in objects) for name in categories()
+                  if name not in objects}
+        hallu = [name for name in sorted(scores, key=lambda n: (-scores[n], n)) if scores[name] > 0][:n_hallu]
+        annotations.append({"id": k, "type": "generative", "truth": [words[n] for n in objects],
+                            "hallu": [words[n] for n in hallu]})
+        generative_queries.append({"id": k, "image": image["file_name"], "query": "Describe this image.",
+                                   "image_id": image_id})
+        masks = {}
+        for name in objects:
+            boxes = [box for other, box in placed[image_id] if other == name]
+            _, colour = glyph_of(categories().index(name))
+            rng = random.Random(f"{seed}/amber/{image_id}/{name}")
+            wrong = rng.choice([c for c in COLOURS if c != colour])
+            size = "small" if boxes[0][2] < size_middle else "large"
+            other_size = "large" if size == "small" else "small"
+            count = len(boxes)
+            for truth, query, kind in (
+                ("yes", f"Is the {name} {colour} in this image?", "state"),
+                ("no", f"Is the {name} {wrong} in this image?", "state"),
+                ("yes", f"Is the {name} {size} in this image?", "state"),
+                ("no", f"Is the {name} {other_size} in this image?", "state"),
+                ("yes", f"{_how_many(name, count)} in this image?", "number"),
+                ("no", f"{_how_many(name, count + 1)} in this image?", "number"),
+            ):
+                attribute.append((image, truth, f"discriminative-attribute-{kind}", query))
+            masks[name] = np.zeros((image["height"], image["width"]), dtype=bool)
+            for box in boxes:
+                masks[name] |= glyph_mask(name, box, image["width"])
+        for name in hallu:
+            existence.append((image, "no", "discriminative-hallucination",
+                              f"Is there {article(name)} {name} in this image?"))
+        for i, a in enumerate(objects):
+            for b in objects[i + 1:]:
+                truth = "yes" if in_contact(masks[a], masks[b]) else "no"
+                relation.append((image, truth, "discriminative-relation",
+                                 f"Is there direct contact between the {a} and {b}?"))
+
+    queries: dict[str, list[dict]] = {"attribute": [], "existence": [], "relation": []}
+    next_id = len(annotations) + 1
+    for dimension, questions in (("attribute", attribute), ("existence", existence), ("relation", relation)):
+        for image, truth, kind, query in questions:
+            annotations.append({"id": next_id, "type": kind, "truth": truth})
+            queries[dimension].append({"id": next_id, "image": image["file_name"], "query": query,
+                                       "image_id": image["id"]})
+            next_id += 1
+    write_json(out_dir / "annotations.json", annotations)
+    write_json(out_dir / "relation.json",
+               {words[c]: [s for s in SYNONYMS.get(c, []) if " " not in s] for c in categories()})
+    write_text(out_dir / "safe_words.txt", "")
+    write_json(out_dir / "query_generative.json", generative_queries)
+    write_json(out_dir / "query_discriminative.json",
+               queries["attribute"] + queries["existence"] + queries["relation"])
+    for dimension, rows in queries.items():
+        write_json(out_dir / f"query_discriminative-{dimension}.json", rows)
+    return {"generative": len(generative_queries), **{dimension: len(rows) for dimension, rows in queries.items()}}
+
+
 __all__ = ["WorldConfig", "render_world", "categories", "partner_of", "vocabulary_text", "DESCRIBE_PROMPTS",
            "QUESTION_TEMPLATE", "article", "cooccurrence_rate"]
