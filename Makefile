@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 CORES ?= 2
 EXPERIMENT ?=
 
-.PHONY: setup run test clean slurm-profile slurm-deps
+.PHONY: setup run test report clean slurm-profile slurm-deps
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Snakemake's HTML report of a finished experiment (make report EXPERIMENT=<name>): one self-contained file,
+# results/<experiment>/report.html, with the rounds plot, the summary tables, the training curves, every round's
+# eval files and the resolved config (captions: workflow/report/). The folder is the experiment's paths.experiment_dir.
+report: setup
+	dir=$$($(BIN)/python -c 'import sys; from halludpo.config import compose; \
+	  print(compose(sys.argv[1:]).paths.experiment_dir)' $(if $(EXPERIMENT),experiment=$(EXPERIMENT))) && \
+	$(BIN)/snakemake --cores $(CORES) --report "$$dir/report.html"$(if $(EXPERIMENT), --config experiment=$(EXPERIMENT))
 
 clean:
 	rm -rf results .snakemake

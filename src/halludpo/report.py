@@ -6,6 +6,11 @@ summary.json: {"experiment", "rounds": [{"round", "model", "chair": {chair_s, ch
 "pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}, "train": train_stats.json without timings}]};
 fractions in 0-1. No timings (they are in the rule benchmarks): the same config gives the same bytes.
 
+training_curves.png (round_<k>/train/, one per trained round): loss, reward margin and reward accuracy against the
+training step, from train_log.jsonl. resolved_config.yaml: the experiment's config as this stage composed and
+resolved it. Both, with summary.md, rounds.png and each round's eval files, are the results of Snakemake's HTML
+report (`snakemake --report results/<experiment>/report.html`; captions in workflow/report/).
+
 mlflow_runs.json: the MLflow run ids ({"logged": true, "tracking_uri", "experiment_id", "config_hash",
 "parent_run_id", "rounds": {k: run id}}) or why nothing was logged ({"logged": false, "reason"}).
 """
@@ -75,6 +80,80 @@ def plot_rounds(summary: dict, out: Path) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+# Training curves: (train_log.jsonl key, panel title, the prefixes of the keys drawn beside it in the same panel:
+# halludpo.losses' per-term `loss/<term>`, `accuracy/<term>`, and the SFT term `sft_nll` of loss sigmoid)
+CURVE_PANELS = (("loss", "loss", ("loss/", "sft_nll")), ("rewards/margins", "reward margin (chosen - rejected)", ()),
+                ("rewards/accuracies", "reward accuracy", ("accuracy/",)))
+TRAINING_PLOT = "training_curves.png"  # in round_<k>/train/, beside train_log.jsonl
+RESOLVED_CONFIG = "resolved_config.yaml"  # in results/<experiment>/
+PER_INVOCATION_KEYS = ("round", "step", "split")  # set by each rule for its own invocation: not the experiment's
+
+
+def training_plot_path(cfg: DictConfig, k: int) -> Path:
+    return paths.train_dir(cfg, k) / TRAINING_PLOT
+
+
+def resolved_config_path(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.experiment_dir) / RESOLVED_CONFIG
+
+
+def plot_training_curve(curve: list[dict], title: str, out: Path) -> None:
+    """Loss, reward margin and reward accuracy against the training step (training_curve()'s rows), one panel
+    each, the loss's terms as thin lines (`loss/<term>` and `accuracy/<term>` of halludpo.losses, `sft_nll`). Rows
+    without a `loss` (the Trainer's closing totals) are left out; a panel without points says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r for r in curve if "loss" in r]
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4 * len(CURVE_PANELS), 3.5))
+    for ax, (key, panel, term_prefixes) in zip(axes, CURVE_PANELS):
+        terms = sorted({name for r in rows for name in r if name.startswith(term_prefixes)})
+        for name, style in [(key, {"marker": "o", "markersize": 3, "linewidth": 1.5})] + [
+                (t, {"linewidth": 0.8, "alpha": 0.7}) for t in terms]:
+            points = [(r.get("step", i + 1), r[name]) for i, r in enumerate(rows) if name in r]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **style)
+        if not ax.lines:
+            ax.text(0.5, 0.5, f"no {key} in train_log.jsonl", ha="center", va="center", transform=ax.transAxes)
+        elif terms:
+            ax.legend(fontsize="small")
+        if key == "rewards/accuracies":
+            ax.set_ylim(-0.05, 1.05)
+        if key == "rewards/margins":
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def resolved_config_yaml(cfg: DictConfig) -> str:
+    """The experiment's config with every interpolation resolved, as YAML in the order Hydra composed it, without
+    the keys each rule sets for its own invocation (PER_INVOCATION_KEYS)."""
+    from omegaconf import OmegaConf
+
+    plain = {k: v for k, v in to_plain(cfg).items() if k not in PER_INVOCATION_KEYS}
+    return (f"# {cfg.experiment_name}: the resolved config (halludpo.report; round, step and split are set by each "
+            f"rule)\n" + OmegaConf.to_yaml(OmegaConf.create(plain)))
+
+
+def write_report_files(cfg: DictConfig, curves: dict[int, list[dict]]) -> None:
+    """The HTML report's files that summary.json does not hold: each trained round's training curves and the
+    resolved config."""
+    for k, curve in sorted(curves.items()):
+        plot_training_curve(curve, f"{cfg.experiment_name}: round {k} (model_{k} -> model_{k + 1})",
+                            training_plot_path(cfg, k))
+    write_text(resolved_config_path(cfg), resolved_config_yaml(cfg))
 
 
 def build_summary(experiment: str, rows: list[dict]) -> dict:
@@ -177,6 +256,7 @@ def run(cfg: DictConfig) -> None:
                + (f"\nCHAIR_i by sentence position (hallucinated / mentions):\n\n{by_sentence}" if by_sentence else ""))
     plot_rounds(summary, paths.rounds_plot(cfg))
     write_runs_file(cfg, track_or_report(cfg, summary, curves))
+    write_report_files(cfg, curves)
     log.info("summary -> %s\n%s", out, markdown_table(summary))
 
 

@@ -30,9 +30,12 @@ rule evaluate:
         questions=POPE_QUESTIONS,
         model=model_marker,
     output:
-        chair=str(EXP / "round_{k}" / "eval" / "chair.json"),
-        pope=str(EXP / "round_{k}" / "eval" / "pope.json"),
-        samples=str(EXP / "round_{k}" / "eval" / "pope_samples.jsonl"),
+        chair=report(str(EXP / "round_{k}" / "eval" / "chair.json"), caption="../report/chair.rst",
+                     category="Evaluation", subcategory="round {k}"),
+        pope=report(str(EXP / "round_{k}" / "eval" / "pope.json"), caption="../report/pope.rst",
+                    category="Evaluation", subcategory="round {k}"),
+        samples=report(str(EXP / "round_{k}" / "eval" / "pope_samples.jsonl"), caption="../report/pope_samples.rst",
+                       category="Evaluation", subcategory="round {k}"),
     params:
         config=subtree("data.vocabulary", "data.compounds", "data.eval_captions", "eval.chair.text_pipeline",
                        "eval.pope", "eval.batch_size"),

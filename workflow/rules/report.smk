@@ -3,18 +3,35 @@
 CONSOLE = "HALLUDPO_CONSOLE_FD=3 "
 
 
+# Snakemake's HTML report (`snakemake --report results/<experiment>/report.html`, `make report`): the files marked
+# report(...) here and in rule evaluate, with the captions of workflow/report/ (reStructuredText; the Snakefile's
+# `report:` names the workflow page). The report holds the files of the default target's jobs only, so the plots it
+# needs beyond summary.json (training curves) and the resolved config come from rule summarize itself: a rule of
+# their own would be another job in every run's plan.
+REPORT_CAPTIONS = "../report/"  # relative to this file
+
+
+def in_report(path, caption, category, subcategory=None):
+    return report(str(path), caption=REPORT_CAPTIONS + caption, category=category, subcategory=subcategory)
+
+
 rule summarize:
     """summary.json (one row per model_k) and the MLflow parent run with a child run per round (found again on a
-    rerun, not added). A tracking store that cannot be reached fails it with one line unless tracking.required=false."""
+    rerun, not added). A tracking store that cannot be reached fails it with one line unless tracking.required=false.
+    Also the report's training curves (one plot per trained round) and the resolved config."""
     input:
         code=code("report"),
         chair=expand(rules.evaluate.output.chair, k=ROUNDS),
         pope=expand(rules.evaluate.output.pope, k=ROUNDS),
         train=expand(rules.dpo.output.stats, k=ROUNDS[:-1]),
+        train_log=expand(rules.dpo.output.log, k=ROUNDS[:-1]),
     output:
-        summary=str(paths.summary_json(CFG)),
-        table=str(EXP / "summary.md"),
-        plot=str(paths.rounds_plot(CFG)),
+        summary=in_report(paths.summary_json(CFG), "summary_json.rst", "Summary"),
+        table=in_report(EXP / "summary.md", "summary_table.rst", "Summary"),
+        plot=in_report(paths.rounds_plot(CFG), "rounds.rst", "Summary"),
+        curves=[in_report(EXP / f"round_{k}" / "train" / "training_curves.png", "training_curves.rst", "Training",
+                          f"round {k}") for k in ROUNDS[:-1]],
+        config=in_report(EXP / "resolved_config.yaml", "resolved_config.rst", "Configuration"),
     params:
         config=subtree("experiment_name", "rounds", "tracking"),
     conda:
