@@ -71,9 +71,10 @@ def test_apasi_round_trip(tmp_path, image_root):
     assert rows[1]["image_path"] == str(image_root / "sub" / "b.png") and "ref_logps" not in rows[1]
     assert rows[2]["image_path"] == str(image_root / "a.png")
 
-    export_pairs("apasi", tmp_path / "out" / "pairs.jsonl", tmp_path / "back.parquet")
+    export_pairs("apasi", tmp_path / "out" / "pairs.jsonl", tmp_path / "back.parquet", image_paths="source")
     back = pq.read_table(tmp_path / "back.parquet").to_pylist()
-    for original, exported in zip(apasi_rows(), back, strict=True):
+    for original, exported, row in zip(apasi_rows(), back, rows, strict=True):
+        assert json.loads(exported.pop("halludpo"))["pair"] == row  # ours, for a round trip through this file
         text, exported_text = json.loads(original.pop("text")), json.loads(exported.pop("text"))
         if "logps" in text:
             text["logps"] = per_token_dropped(text["logps"])
@@ -102,10 +103,10 @@ def test_rlaif_v_round_trip_writes_embedded_images_once(tmp_path):
     assert rows[0]["ref_logps"] == {"chosen": -10.5, "rejected": -20.25} and "ref_logps" not in rows[1]
     assert rows[0]["meta"]["idx"] == "OK-VQA_0" and rows[0]["method"] == "rlaif_v"
 
-    export_pairs("rlaif_v", tmp_path / "out" / "pairs.jsonl", tmp_path / "back.parquet")
+    export_pairs("rlaif_v", tmp_path / "out" / "pairs.jsonl", tmp_path / "back.parquet", image_paths="source")
     back = pq.read_table(tmp_path / "back.parquet").to_pylist()
     for original, exported in zip(source, back, strict=True):
-        assert exported.pop("image")["bytes"] == original.pop("image")["bytes"]
+        assert exported.pop("image")["bytes"] == original.pop("image")["bytes"] and exported.pop("halludpo")
         if original["logps"]:
             original["logps"] = json.dumps({"logps": per_token_dropped(LOGPS)})
         assert exported == original
@@ -139,6 +140,7 @@ def test_sentinel_round_trip(tmp_path, image_root):
     for image_id, entries in SENTINEL.items():
         for original, exported in zip(entries, back[image_id], strict=True):
             assert exported.pop("image_path").startswith("VG_100K")  # added: re-import needs no search
+            assert exported.pop("halludpo")
             assert exported == original
 
     # the flat *_data_pair.jsonl layout re-imports to the same pairs
@@ -167,8 +169,10 @@ def test_llamafactory_round_trip(tmp_path, image_root, style):
     assert row["prompt"] == "Describe the image." and row["meta"]["source_style"] == style
     assert row["image_path"] == str(image_root / LLAMAFACTORY[style]["images"][0])
 
-    export_pairs("llamafactory", tmp_path / "pairs.jsonl", tmp_path / "back.json")
-    assert json.loads((tmp_path / "back.json").read_text()) == [LLAMAFACTORY[style]]
+    export_pairs("llamafactory", tmp_path / "pairs.jsonl", tmp_path / "back.json", image_root=image_root)
+    (back,) = json.loads((tmp_path / "back.json").read_text())
+    assert json.loads(back.pop("halludpo"))["export"]["image_paths"] == "relative"
+    assert back == LLAMAFACTORY[style]
 
 
 TRL = {
@@ -192,7 +196,8 @@ def test_trl_round_trip(tmp_path, image_root, style):
         "Describe the image.", "A red square.", "A red square and a bus.")
 
     export_pairs("trl", tmp_path / "pairs.jsonl", tmp_path / "back.jsonl", image_root=image_root)
-    assert read_jsonl(tmp_path / "back.jsonl") == [TRL[style]]
+    (back,) = read_jsonl(tmp_path / "back.jsonl")
+    assert back.pop("halludpo") and back == TRL[style]
 
 
 def test_trl_parquet_with_embedded_image(tmp_path):
@@ -203,12 +208,25 @@ def test_trl_parquet_with_embedded_image(tmp_path):
     assert open(row["image_path"], "rb").read() == png_bytes("red") and row["image_id"] == "a"
 
 
-def test_context_goes_in_front_of_responses_for_formats_without_it(tmp_path, image_root):
+@pytest.mark.parametrize("fmt", ["apasi", "rlaif_v", "llamafactory", "trl"])
+def test_formats_without_a_context_field_refuse_context_pairs(tmp_path, image_root, fmt):
     src = tmp_path / "sentinel.json"
     src.write_text(json.dumps(SENTINEL))
     import_pairs("sentinel", src, tmp_path / "pairs.jsonl", image_root)
-    stats = export_pairs("trl", tmp_path / "pairs.jsonl", tmp_path / "trl.jsonl")
-    assert stats["context_joined"] == 3
+    out = tmp_path / f"out{FORMATS[fmt].suffixes[0]}"
+    with pytest.raises(SystemExit, match=rf"^error: .*pairs\.jsonl: 3 of 3 pairs continue an answer \(a context "
+                                         rf"before the response, or meta\.is_last_sent false.*{fmt} has no unscored "
+                                         r"prefix.*pass --flatten-context[^\n]*$"):
+        main(["export", "--format", fmt, "--src", str(tmp_path / "pairs.jsonl"), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_flatten_context_puts_it_in_front_of_the_responses(tmp_path, image_root):
+    src = tmp_path / "sentinel.json"
+    src.write_text(json.dumps(SENTINEL))
+    import_pairs("sentinel", src, tmp_path / "pairs.jsonl", image_root)
+    stats = export_pairs("trl", tmp_path / "pairs.jsonl", tmp_path / "trl.jsonl", flatten_context=True)
+    assert stats["context_joined"] == 3 and stats["context"] == "flattened"
     first = read_jsonl(tmp_path / "trl.jsonl")[0]
     assert first["chosen"][0]["content"][0]["text"] == "A green square. It has a border."
     assert first["rejected"][0]["content"][0]["text"] == "A green square. A cat sits on it."
@@ -280,3 +298,108 @@ def test_imported_pairs_load_with_datasets(tmp_path, image_root):
         assert ds.num_rows == n and set(PAIR_FIELDS) <= set(ds.column_names)
         assert ds[0]["meta"]["source_format"] == name
     assert ds[2]["context"] == "A white square."
+
+
+# Our own pairs, as the pipeline writes them: image paths relative to the project root
+OURS = {
+    "apasi": [
+        {"image_id": "7", "image_path": "results/data/toy/images/7.png", "prompt": "Describe this image in detail.",
+         "context": "", "chosen": "A red square.", "rejected": "A red square and a dog.", "method": "apasi",
+         "meta": {"mode": "insert", "rate": 0.5, "injected_objects": ["dog"], "guide_objects": ["square"],
+                  "round": 1, "generator_model": None},
+         "ref_logps": {"chosen": -4.5, "rejected": -9.25}},
+        {"image_id": "8", "image_path": "results/data/toy/images/8.png", "prompt": "Describe this image in detail.",
+         "context": "", "chosen": "A blue circle.", "rejected": "A blue circle near a cup.", "method": "apasi",
+         "meta": {"kind": "correction", "removed_objects": ["cup"], "round": 1},
+         "contrast_image_path": "results/data/toy/images/7.png", "chosen_contrast": "A red square."},
+    ],
+    "sentinel": [
+        {"image_id": "7", "image_path": "results/data/toy/images/7.png", "prompt": "Describe this image in detail.",
+         "context": "A red square.", "chosen": "It has a thin border.", "rejected": "A cat sits on it.",
+         "method": "sentinel", "meta": {"step": 1, "type": "context-coherent", "is_last_sent": False,
+                                        "chosen_verdicts": {"border": "real"}, "labels": ["real", "hallucinated"]}},
+        {"image_id": "7", "image_path": "results/data/toy/images/7.png", "prompt": "Describe this image in detail.",
+         "context": "A red square. It has a thin border.", "chosen": "", "rejected": "A dog is nearby.",
+         "method": "sentinel", "meta": {"step": 2, "type": "stop_over_hallucinated", "is_last_sent": False}},
+        {"image_id": "8", "image_path": "results/data/toy/images/8.png", "prompt": "Describe this image in detail.",
+         "context": "A blue circle.", "chosen": "It is plain.", "rejected": "It holds a vase.", "method": "sentinel",
+         "meta": {"step": 1, "type": "context-coherent", "is_last_sent": True}},
+    ],
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project root with the images under results/data/ and both pair kinds' pairs files; the test starts in it."""
+    root = tmp_path / "project"
+    (root / "results" / "data" / "toy" / "images").mkdir(parents=True)
+    for name, color in (("7.png", "red"), ("8.png", "blue")):
+        (root / "results" / "data" / "toy" / "images" / name).write_bytes(png_bytes(color))
+    for kind, rows in OURS.items():
+        (root / "results" / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.mark.parametrize("fmt,suffix", [(f.name, suffix) for f in FORMATS.values() for suffix in f.suffixes])
+@pytest.mark.parametrize("kind", sorted(OURS))
+def test_round_trip_of_our_pairs_is_the_identity(project, tmp_path, fmt, suffix, kind):
+    """import(export(pairs)) == pairs: method, image_id, context, meta and every other field come back (from the
+    "halludpo" field), the image paths as they were while they name the same files."""
+    flatten = kind == "sentinel" and fmt != "sentinel"  # refused otherwise (trl: or rendered with a processor)
+    out = tmp_path / "export" / f"pairs{suffix}"
+    export_pairs(fmt, f"results/{kind}.jsonl", out, flatten_context=flatten)
+    import_pairs(fmt, out, tmp_path / "back" / "pairs.jsonl")
+    assert read_jsonl(tmp_path / "back" / "pairs.jsonl") == OURS[kind]
+
+
+def test_round_trip_from_another_folder_keeps_all_but_the_relative_paths(project, tmp_path, monkeypatch):
+    export_pairs("llamafactory", "results/sentinel.jsonl", tmp_path / "lf.json", flatten_context=True)
+    monkeypatch.chdir(tmp_path)
+    import_pairs("llamafactory", tmp_path / "lf.json", tmp_path / "back.jsonl")
+    back = read_jsonl(tmp_path / "back.jsonl")
+    assert [r["image_path"] for r in back] == [str(project / r["image_path"]) for r in OURS["sentinel"]]
+    assert [r | {"image_path": None} for r in back] == [r | {"image_path": None} for r in OURS["sentinel"]]
+
+
+def test_edited_rows_are_not_silently_replaced_by_the_record(project, tmp_path):
+    export_pairs("trl", "results/apasi.jsonl", tmp_path / "trl.jsonl")
+    records = read_jsonl(tmp_path / "trl.jsonl")
+    records[1]["chosen"][0]["content"][0]["text"] = "A green circle."
+    (tmp_path / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match=r"trl\.jsonl row 2: 'chosen' no longer holds the pair recorded in field "
+                                         r"'halludpo' \(edited after the export\?\)"):
+        import_pairs("trl", tmp_path / "trl.jsonl", tmp_path / "back.jsonl")
+
+
+def test_image_paths_absolute_relative_or_from_a_project_root(project, tmp_path, monkeypatch):
+    images = project / "results" / "data" / "toy" / "images"
+    stats = export_pairs("trl", "results/apasi.jsonl", tmp_path / "abs.jsonl")
+    assert stats["image_paths"] == "absolute" and stats["image_root"] is None
+    assert [r["images"] for r in read_jsonl(tmp_path / "abs.jsonl")] == [[str(images / "7.png")],
+                                                                         [str(images / "8.png")]]
+
+    export_pairs("llamafactory", "results/apasi.jsonl", tmp_path / "rel.json", image_root=project / "results")
+    records = json.loads((tmp_path / "rel.json").read_text())
+    assert [r["images"] for r in records] == [["data/toy/images/7.png"], ["data/toy/images/8.png"]]
+    assert json.loads(records[0]["halludpo"])["export"] == {
+        "written_by": "halludpo.interop", "format": "llamafactory", "image_paths": "relative",
+        "image_root": str(project / "results"), "context": "none", "processor": None}
+
+    # from elsewhere, the pairs' relative paths start from --project-root; without it they are not found
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"error: .*apasi\.jsonl row 1: image not found: results/data/toy/images/"
+                                         r"7\.png \(relative image paths start from the project root, .*; set it "
+                                         r"with --project-root\)"):
+        main(["export", "--format", "trl", "--src", str(project / "results" / "apasi.jsonl"), "--out", "x.jsonl"])
+    stats = main(["export", "--format", "apasi", "--src", str(project / "results" / "apasi.jsonl"),
+                  "--out", "si.parquet", "--project-root", str(project)])
+    assert stats["image_paths"] == "absolute"
+    table = pq.read_table(tmp_path / "si.parquet")
+    assert table.column("image_path").to_pylist() == [str(images / "7.png"), str(images / "8.png")]
+    assert json.loads(table.schema.metadata[b"halludpo"])["image_paths"] == "absolute"  # the file says which
+
+    with pytest.raises(ValueError, match="relative image paths need the folder they start from: --image-root"):
+        export_pairs("trl", project / "results" / "apasi.jsonl", tmp_path / "r.jsonl", image_paths="relative")
+    with pytest.raises(ValueError, match="--processor renders trl's plain-text prompts; llamafactory takes none"):
+        export_pairs("llamafactory", project / "results" / "apasi.jsonl", tmp_path / "r.json", processor="x")

@@ -1,7 +1,8 @@
 """Bring your own pairs: import released preference sets into our pairs.jsonl, export ours to other tools.
 
     python -m halludpo.interop import --format apasi --src SI-23k.parquet --out pairs.jsonl --image-root coco/train2017
-    python -m halludpo.interop export --format trl --src pairs.jsonl --out trl.jsonl
+    python -m halludpo.interop export --format trl --src pairs.jsonl --out trl.jsonl \
+        --processor llava-hf/llava-1.5-7b-hf
 
 Our contract (docs/methods.md "Data contracts"): {image_id, image_path, prompt, context, chosen, rejected, method,
 meta{...}}, plus ref_logps {chosen, rejected} (summed reference log-probs, train.py's layout) when the source stores
@@ -19,7 +20,8 @@ Formats (the FORMATS registry at the bottom; each is one importer and one export
                 with "formatting": "sharegpt", "ranking": true, columns messages=conversations, chosen, rejected,
                 images (tags from/value, human/gpt).
   trl           TRL's vision DPO rows {prompt, chosen, rejected, images}, conversational (TRL's default for VLMs)
-                or plain strings; images are paths (JSONL) or {bytes, path} structs (parquet).
+                or plain strings (exported so with a processor, see Exports); images are paths (JSONL) or
+                {bytes, path} structs (parquet).
 
 Stored log-probs are [win, win_avg, win_per_token, rej, rej_avg, rej_per_token] (RLHF-V's layout). The summed ones
 map to ref_logps, the averages to meta.ref_avg_logps; per-token lists are dropped (tokenizer-specific and large).
@@ -29,11 +31,27 @@ Images: relative paths resolve against image_root (default: the source's folder)
 (released sets often keep the authors' absolute or ../../ paths). Each image must exist; skip_missing drops
 such rows and counts them. Embedded bytes are written once to images/ beside the output, named by content hash.
 Source fields we have no place for go to meta under their own names, so an export to the same format restores them.
+
+Exports:
+  image paths   absolute by default (a pairs file's relative paths start from project_root, default the current
+                folder; each image must exist); relative to image_root ("relative"); or the source's own path for rows
+                imported from the same format ("source").
+  context       pairs that continue an answer (a context before the response, or meta.is_last_sent false) are
+                native to sentinel. trl with a processor gets plain-text rows: prompt = the chat template's rendering
+                + the context, completions = the new sentence, + the end-of-turn only where our trainer scores it
+                (scoring.scores_end), so TRL scores the tokens our trainer scores. Formats without an unscored
+                prefix (apasi, rlaif_v, llamafactory; trl without a processor) refuse them unless flatten_context,
+                which puts the context in front of chosen and rejected (scored, with an end-of-turn after each).
+  the pair      every exported row carries the field "halludpo": JSON {pair: our row, export: {image_paths,
+                image_root, context}}, which the tools ignore; importing it restores the row exactly (image_path:
+                the recorded one while it names the same file, else the resolved one). Parquet files also hold
+                the export settings in their key-value metadata under "halludpo".
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import io
 import json
@@ -58,6 +76,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # meta keys this module writes itself; every other meta key is a source field, restored on export
 BOOKKEEPING = ("source_format", "source_style", "source_prompt", "source_image_path", "ref_avg_logps", "text_extra",
                "system")
+RECORD_FIELD = "halludpo"  # every exported row: JSON {pair, export}; restores the pair on import
+IMAGE_PATHS = ("absolute", "relative", "source")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,6 +290,40 @@ def with_stored_logps(row: dict, stored, where: str) -> dict:
     return row
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths (relative ones from the current folder) hold the same image: one file, or equal bytes."""
+    try:
+        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def restored_pair(record: dict, where: str, image: Path, chosen: str, rejected: str) -> dict | None:
+    """The pair an export recorded in the record's "halludpo" field; None when the record has none.
+
+    chosen/rejected are the record's visible responses: each must still hold the recorded one (a context in front,
+    an end-of-turn after it are the export's), else the row was edited after the export and the record is stale.
+    image_path: the recorded one while it names the same image as the record's (resolved) image, else that image.
+    """
+    value = record.get(RECORD_FIELD)
+    if value is None:
+        return None
+    try:
+        data = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: field {RECORD_FIELD!r} is not valid JSON ({err.msg})") from None
+    row = data.get("pair") if isinstance(data, dict) else None
+    if not isinstance(row, dict) or not set(PAIR_FIELDS) <= row.keys():
+        raise InputError(f"{where}: field {RECORD_FIELD!r} holds no pair {{{', '.join(PAIR_FIELDS)}}}")
+    for key, shown in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(row[key], str) or row[key].strip() not in shown:
+            raise InputError(f"{where}: {key!r} no longer holds the pair recorded in field {RECORD_FIELD!r} (edited "
+                             "after the export?); delete that field to import the row as it reads")
+    if not same_file(row["image_path"], image):
+        row["image_path"] = str(image)
+    return row
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Importers: (src, images) -> rows; None for a row skipped for its missing image
 
@@ -294,6 +348,9 @@ def import_apasi(src: Path, images: ImageResolver) -> Iterator[dict | None]:
         if image is None:
             yield None
             continue
+        if (row := restored_pair(record, where, image, chosen, rejected)) is not None:
+            yield row
+            continue
         meta = extras(record, ("text", "image", "image_path"))
         meta["source_image_path"] = record.get("image_path")
         text_extra = extras(text, ("question", "chosen", "rejected", "logps"))
@@ -310,6 +367,9 @@ def import_rlaif_v(src: Path, images: ImageResolver) -> Iterator[dict | None]:
         image = released_image(record, images, where)
         if image is None:
             yield None
+            continue
+        if (row := restored_pair(record, where, image, chosen, rejected)) is not None:
+            yield row
             continue
         meta = extras(record, ("question", "chosen", "rejected", "image", "image_path", "logps"))
         meta["source_image_path"] = record.get("image_path")
@@ -345,6 +405,9 @@ def import_sentinel(src: Path, images: ImageResolver) -> Iterator[dict | None]:
             raise InputError(f"{where}: missing field 'image_id' (or 'image_path')")
         if image is None:
             yield None
+            continue
+        if (row := restored_pair(record, where, image, y_win, y_lose)) is not None:
+            yield row
             continue
         meta = extras(record, ("image_id", "image_path", "question", "context", "y_win", "y_lose"))
         meta["source_image_path"] = record.get("image_path")
@@ -400,6 +463,8 @@ def tool_pair(fmt: str, record: dict, where: str, images: ImageResolver, prompt:
     image = images.resolve(ref, where)
     if image is None:
         return None
+    if (row := restored_pair(record, where, image, chosen, rejected)) is not None:
+        return row
     source_path = ref.get("path") if isinstance(ref, dict) else ref if isinstance(ref, str) else None
     meta = extras(record, known + ("chosen", "rejected", "images", "image", "system"))
     meta |= {"source_style": style, "source_image_path": source_path}
@@ -453,7 +518,27 @@ def import_trl(src: Path, images: ImageResolver) -> Iterator[dict | None]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Exporters: (rows, where, image_root) -> records; `where` names a pairs-file row for errors
+# Exporters: (rows, opts) -> records; opts.where(i) names a pairs-file row for errors
+
+
+@dataclass
+class ExportOptions:
+    """How an export writes image paths and pairs that continue an answer; `info` is what the file records."""
+
+    fmt: str
+    where: Callable[[int], str]
+    image_paths: str = "absolute"  # one of IMAGE_PATHS
+    image_root: Path | None = None  # "relative": paths are written relative to it
+    project_root: Path = Path(".")  # where the pairs file's relative image paths start
+    context: str = "none"  # native | prompt (trl's plain-text rows) | flattened | none
+    processor: object | None = None  # loaded; trl's plain-text rows
+    info: dict | None = None  # the export's settings, recorded in every row (and a parquet file's metadata)
+    token_mismatches: int | None = None  # trl's plain-text rows: see PlainTextRows
+
+    def record(self, row: dict) -> str:
+        """The "halludpo" field: our whole row and the export's settings, one JSON string (tools read a string
+        column without needing a schema for meta, which differs from row to row)."""
+        return json.dumps({"pair": dict(row), "export": self.info}, ensure_ascii=False)
 
 
 def source_meta(row: dict, fmt: str) -> dict:
@@ -474,19 +559,36 @@ def export_prompt(row: dict, fmt: str, placeholder: bool) -> str:
     return f"{IMAGE_TOKEN}\n{row['prompt']}" if placeholder else row["prompt"]
 
 
-def export_image_path(row: dict, fmt: str, image_root) -> str:
-    """Relative to image_root when given; else the source's own path (same format); else our path."""
-    if image_root:
-        return os.path.relpath(row["image_path"], image_root)
-    return source_meta(row, fmt).get("source_image_path") or row["image_path"]
+def image_file(row: dict, opts: ExportOptions, i: int) -> Path:
+    """The row's image as an absolute path; relative paths start from opts.project_root. It must exist."""
+    path = Path(row["image_path"])
+    path = path if path.is_absolute() else opts.project_root / path
+    if not path.is_file():
+        raise InputError(f"{opts.where(i)}: image not found: {path} (relative image paths start from the project "
+                         f"root, {opts.project_root.absolute()}; set it with --project-root)")
+    return Path(os.path.abspath(path))
+
+
+def export_image_path(row: dict, opts: ExportOptions, i: int) -> str:
+    """absolute; relative to image_root; or "source": the source's own path for rows imported from this format,
+    else ours as it is."""
+    if opts.image_paths == "source":
+        return source_meta(row, opts.fmt).get("source_image_path") or row["image_path"]
+    path = image_file(row, opts, i)
+    return str(path) if opts.image_paths == "absolute" else os.path.relpath(path, opts.image_root)
+
+
+def continues_answer(row: dict) -> bool:
+    """A pair whose responses are not a whole answer: a context before them, or a sentence before the last one
+    (meta.is_last_sent false: our trainer scores no end-of-turn after it)."""
+    from halludpo.scoring import ends_answer
+
+    return bool((row.get("context") or "").strip()) or not ends_answer(row)
 
 
 def responses(row: dict) -> tuple[str, str]:
-    """chosen, rejected for formats without a context field: the context goes in front of both responses.
-
-    Same join as scoring.join_context. Under DPO the shared context tokens cancel in the chosen-rejected margin;
-    only losses with absolute terms (SFT, mDPO/SymMPO anchors) see the difference.
-    """
+    """chosen, rejected for formats without a context field: the context (only with flatten_context: the others
+    are refused) goes in front of both responses. Same join as scoring.join_context."""
     context = row.get("context") or ""
     if not context.strip():
         return row["chosen"], row["rejected"]
@@ -508,7 +610,7 @@ def default_origin_split(row: dict) -> str:
     return json.dumps({"method": row["method"], **meta})
 
 
-def export_apasi(rows: list[dict], where: Callable[[int], str], image_root) -> list[dict]:
+def export_apasi(rows: list[dict], opts: ExportOptions) -> list[dict]:
     records = []
     for i, row in enumerate(rows):
         chosen, rejected = responses(row)
@@ -518,45 +620,41 @@ def export_apasi(rows: list[dict], where: Callable[[int], str], image_root) -> l
             text["logps"] = logps
         records.append({"ds_name": "halludpo", "text": json.dumps(text, ensure_ascii=False), "origin_dataset":
                         row["method"], "origin_split": default_origin_split(row), "idx": i,
-                        "image_path": export_image_path(row, "apasi", image_root)} | source_fields(row, "apasi"))
+                        "image_path": export_image_path(row, opts, i)} | source_fields(row, "apasi")
+                       | {RECORD_FIELD: opts.record(row)})
     return records
 
 
-def export_rlaif_v(rows: list[dict], where: Callable[[int], str], image_root) -> list[dict]:
+def export_rlaif_v(rows: list[dict], opts: ExportOptions) -> list[dict]:
     records = []
     for i, row in enumerate(rows):
-        path = Path(row["image_path"])
-        if not path.is_file():
-            raise InputError(f"{where(i)}: image not found: {path} (rlaif_v embeds the image bytes)")
+        path = image_file(row, opts, i)  # rlaif_v embeds the image bytes
         chosen, rejected = responses(row)
         record = {"ds_name": "halludpo", "image": {"bytes": path.read_bytes(), "path": path.name},
                   "question": export_prompt(row, "rlaif_v", placeholder=False), "chosen": chosen, "rejected": rejected,
                   "origin_dataset": row["method"], "origin_split": default_origin_split(row), "idx": str(i),
-                  "image_path": export_image_path(row, "rlaif_v", image_root)}
+                  "image_path": export_image_path(row, opts, i)}
         if (logps := stored_logps(row)) is not None:
             record["logps"] = json.dumps({"logps": logps})
-        records.append(record | source_fields(row, "rlaif_v"))
+        records.append(record | source_fields(row, "rlaif_v") | {RECORD_FIELD: opts.record(row)})
     return records
 
 
-def sentinel_entry(row: dict, image_root) -> dict:
-    return {"question": export_prompt(row, "sentinel", placeholder=False), "context": row["context"],
-            "y_win": row["chosen"], "y_lose": row["rejected"],
-            "image_path": export_image_path(row, "sentinel", image_root)} | source_fields(row, "sentinel")
-
-
-def export_sentinel(rows: list[dict], where: Callable[[int], str], image_root) -> dict[str, list[dict]]:
+def export_sentinel(rows: list[dict], opts: ExportOptions) -> dict[str, list[dict]]:
     """The released layout {image_id: [entries]}; write_records flattens it for a .jsonl output."""
     grouped: dict[str, list[dict]] = {}
-    for row in rows:
-        grouped.setdefault(str(row["image_id"]), []).append(sentinel_entry(row, image_root))
+    for i, row in enumerate(rows):
+        entry = {"question": export_prompt(row, "sentinel", placeholder=False), "context": row["context"],
+                 "y_win": row["chosen"], "y_lose": row["rejected"], "image_path": export_image_path(row, opts, i)}
+        grouped.setdefault(str(row["image_id"]), []).append(entry | source_fields(row, "sentinel")
+                                                             | {RECORD_FIELD: opts.record(row)})
     return grouped
 
 
-def export_llamafactory(rows: list[dict], where: Callable[[int], str], image_root) -> list[dict]:
+def export_llamafactory(rows: list[dict], opts: ExportOptions) -> list[dict]:
     """sharegpt rows (LLaMA-Factory's layout for multimodal ranking data); alpaca for rows imported as alpaca."""
     records = []
-    for row in rows:
+    for i, row in enumerate(rows):
         meta = source_meta(row, "llamafactory")
         prompt = export_prompt(row, "llamafactory", placeholder=True)
         chosen, rejected = responses(row)
@@ -567,27 +665,104 @@ def export_llamafactory(rows: list[dict], where: Callable[[int], str], image_roo
                       "rejected": {"from": "gpt", "value": rejected}}
         if meta.get("system"):
             record["system"] = meta["system"]
-        records.append(record | {"images": [export_image_path(row, "llamafactory", image_root)]}
-                       | source_fields(row, "llamafactory"))
+        records.append(record | {"images": [export_image_path(row, opts, i)]} | source_fields(row, "llamafactory")
+                       | {RECORD_FIELD: opts.record(row)})
     return records
 
 
-def export_trl(rows: list[dict], where: Callable[[int], str], image_root) -> list[dict]:
-    """Conversational rows (what TRL's DPOTrainer expects for VLMs); plain strings for rows imported as such."""
+class PlainTextRows:
+    """TRL's plain-text ("standard") rows that score what our trainer scores (scoring.encode_segment).
+
+    prompt = the processor's chat template rendered around the user turn (as scoring.render_turn renders it: an
+    imported system turn is left out, as in our trainer), up to where the response starts: the generation prompt,
+    or with a context, the finished turn cut after the context. chosen/rejected = the rest of the
+    finished turn: the response, and its end-of-turn only when our trainer scores it (scoring.scores_end: not after
+    a sentence before the last one). TRL's vision collator tokenizes prompt and completions apart, without special
+    tokens, and adds nothing to plain-text completions, so it scores exactly these tokens. Our trainer tokenizes
+    with special tokens: when the tokenizer adds a BOS, the prompt starts with the BOS string (followed by a space
+    for tokenizers that mark the first word, e.g. Metaspace's prepend_scheme "first"), whichever gives the same
+    ids. Pairs whose ids still differ (neither works, or tokens merge across the prompt/completion boundary) are
+    counted in `token_mismatches`.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        bos = self.tokenizer.bos_token
+        self.prefixes = ("", bos, f"{bos} ") if bos else ("",)
+        self.token_mismatches = 0
+
+    def ids(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def pair(self, row: dict, where: str) -> tuple[str, str, str]:
+        from halludpo.scoring import answer_start, join_context, render_turn, scores_end
+
+        context = row.get("context") or ""
+        prompts, completions = [], []
+        for key in ("chosen", "rejected"):
+            answer = join_context(context, row[key])
+            full = render_turn(self.processor, row["prompt"], answer)
+            try:
+                start = answer_start(full, answer)
+            except ValueError as err:
+                raise InputError(f"{where}: {err}") from None
+            if context.strip():
+                cut = start + len(context.rstrip())
+            else:
+                generation = render_turn(self.processor, row["prompt"], None)
+                if not full.startswith(generation):
+                    raise InputError(f"{where}: the chat template's generation prompt {generation[-80:]!r} does not "
+                                     "begin the finished turn: no plain-text prompt can stand for it")
+                cut = len(generation)
+            end = len(full) if scores_end(row, row[key]) else start + len(answer.rstrip())
+            prompts.append(full[:cut])
+            completions.append(full[cut:end])
+        if prompts[0] != prompts[1]:
+            raise InputError(f"{where}: the chat template renders the prompt differently before chosen and rejected")
+        prompt = self.with_special_tokens(prompts[0])
+        if prompt is None:
+            prompt = prompts[0]
+            self.token_mismatches += 1
+        elif any(self.ids(prompt) + self.ids(c) != self.ids(prompt + c) for c in completions):
+            self.token_mismatches += 1
+        return prompt, completions[0], completions[1]
+
+    def with_special_tokens(self, prompt: str) -> str | None:
+        """prompt, with the tokenizer's own special tokens written as text in front: TRL's ids (tokenized without
+        special tokens) = ours (with); None when no prefix gives that."""
+        target = self.ids(prompt, special=True)
+        return next((p + prompt for p in self.prefixes if self.ids(p + prompt) == target), None)
+
+
+def export_trl(rows: list[dict], opts: ExportOptions) -> list[dict]:
+    """Conversational rows (what TRL's DPOTrainer expects for VLMs), plain strings for rows imported as such; with a
+    processor, plain-text rows rendered with its chat template (PlainTextRows: the context in the prompt)."""
+    plain = PlainTextRows(opts.processor) if opts.processor is not None else None
     records = []
-    for row in rows:
+    for i, row in enumerate(rows):
         meta = source_meta(row, "trl")
-        chosen, rejected = responses(row)
-        if meta.get("source_style") == "standard":
+        if plain is not None:
+            prompt, chosen, rejected = plain.pair(row, opts.where(i))
+            record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        elif meta.get("source_style") == "standard":
+            chosen, rejected = responses(row)
             record = {"prompt": export_prompt(row, "trl", placeholder=False), "chosen": chosen, "rejected": rejected}
         else:
+            chosen, rejected = responses(row)
             system = [{"role": "system", "content": [{"type": "text", "text": meta["system"]}]}] if meta.get("system") \
                 else []
             user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["prompt"]}]}
             record = {"prompt": system + [user]} | {
                 k: [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
                 for k, text in (("chosen", chosen), ("rejected", rejected))}
-        records.append(record | {"images": [export_image_path(row, "trl", image_root)]} | source_fields(row, "trl"))
+        records.append(record | {"images": [export_image_path(row, opts, i)]} | source_fields(row, "trl")
+                       | {RECORD_FIELD: opts.record(row)})
+    if plain is not None and plain.token_mismatches:
+        log.warning("%d pairs: TRL will tokenize them slightly differently from our trainer (the tokenizer joins "
+                    "tokens across the prompt/completion boundary, or its BOS cannot be written as text)",
+                    plain.token_mismatches)
+    opts.token_mismatches = plain.token_mismatches if plain is not None else None
     return records
 
 
@@ -595,18 +770,23 @@ def export_trl(rows: list[dict], where: Callable[[int], str], image_root) -> lis
 # Writing
 
 
-def write_parquet(path: Path, records: list[dict]) -> None:
+def write_parquet(path: Path, records: list[dict], metadata: dict | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    table = pa.Table.from_pylist(records)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               RECORD_FIELD.encode(): json.dumps(metadata).encode()})
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(records), tmp)
+        pq.write_table(table, tmp)
 
 
-def write_records(path: Path, records: list[dict] | dict) -> None:
-    """By suffix: .parquet, .json (the records as they are), .jsonl (one row a line; grouped dicts flattened)."""
+def write_records(path: Path, records: list[dict] | dict, metadata: dict | None = None) -> None:
+    """By suffix: .parquet (metadata in the file's key-value metadata), .json (the records as they are), .jsonl (one
+    row a line; grouped dicts flattened)."""
     if path.suffix == ".parquet":
-        write_parquet(path, records)
+        write_parquet(path, records, metadata)
     elif path.suffix == ".json":
         write_json(path, records)
     else:
@@ -623,7 +803,7 @@ def write_records(path: Path, records: list[dict] | dict) -> None:
 class Format:
     name: str
     read: Callable[[Path, ImageResolver], Iterator[dict | None]]
-    write: Callable[[list[dict], Callable[[int], str], object], list[dict] | dict]
+    write: Callable[[list[dict], ExportOptions], list[dict] | dict]
     suffixes: tuple[str, ...]  # output files its exporter can write; the first is the usual one
 
 
@@ -647,7 +827,7 @@ def import_pairs(fmt: str, src: str | os.PathLike, out: str | os.PathLike, image
     """Read a released/other tool's preference file (or folder of shards) into our pairs.jsonl. Returns stats.
 
     Embedded images are written to <out's folder>/images/. A missing image raises naming the row, unless
-    skip_missing, which drops the row and counts it.
+    skip_missing, which drops the row and counts it. Rows an export of ours wrote come back as the recorded pairs.
     """
     spec, src, out = get_format(fmt), Path(src), Path(out)
     images = ImageResolver(src, image_root, out.parent / "images", skip_missing)
@@ -663,28 +843,71 @@ def import_pairs(fmt: str, src: str | os.PathLike, out: str | os.PathLike, image
     return stats
 
 
+def context_refusal(fmt: str, continuing: int, total: int) -> str:
+    trl = (" or --processor MODEL (the model TRL trains) to put the context in plain-text prompts, where TRL does "
+           "not score it") if fmt == "trl" else ""
+    return (f"{continuing} of {total} pairs continue an answer (a context before the response, or meta.is_last_sent "
+            f"false: sentence-level pairs); {fmt} has no unscored prefix for the context, so it would be scored, and "
+            f"an end-of-turn after every sentence; pass --flatten-context to export them so anyway{trl}")
+
+
 def export_pairs(fmt: str, pairs_path: str | os.PathLike, out: str | os.PathLike,
-                 image_root: str | os.PathLike | None = None) -> dict:
+                 image_root: str | os.PathLike | None = None, *, image_paths: str | None = None,
+                 project_root: str | os.PathLike | None = None, processor=None, flatten_context: bool = False) -> dict:
     """Write our pairs.jsonl (or a ref_logps file) in another format. Returns stats.
 
-    Image paths: relative to image_root when given; else the source's own path for rows imported from the same
-    format; else ours. Formats without a context field get the context in front of chosen and rejected.
+    image_paths: "absolute" (the default; "relative" when image_root is given), "relative" (to image_root) or
+    "source" (the source's own path for rows imported from fmt, else ours); relative paths in the pairs file start
+    from project_root (default: the current folder). Pairs that continue an answer (continues_answer) are native to
+    sentinel; trl puts their context in plain-text prompts when given a processor (a loaded one, or a model folder
+    or hub id); elsewhere they are refused unless flatten_context, which puts the context in front of chosen and
+    rejected. Every row records our pair in the field "halludpo" (import restores it).
     """
     spec, pairs_path, out = get_format(fmt), Path(pairs_path), Path(out)
     if out.suffix not in spec.suffixes:
         raise ValueError(f"{fmt} exports to {' or '.join(spec.suffixes)} files; got {out.name}")
+    image_paths = image_paths or ("relative" if image_root else "absolute")
+    if image_paths not in IMAGE_PATHS:
+        raise ValueError(f"unknown image_paths {image_paths!r}; valid: {', '.join(IMAGE_PATHS)}")
+    if image_paths == "relative" and not image_root:
+        raise ValueError("relative image paths need the folder they start from: --image-root")
+    if processor is not None and fmt != "trl":
+        raise ValueError(f"--processor renders trl's plain-text prompts; {fmt} takes none")
+    if processor is not None and flatten_context:
+        raise ValueError("--processor puts the context in the prompt, --flatten-context in the responses: pass one")
     rows = read_jsonl(pairs_path, required=PAIR_FIELDS)
     if not rows:
         raise InputError(f"{pairs_path}: no pairs")
-    records = spec.write(rows, lambda i: f"{pairs_path} row {i + 1}", image_root)
-    write_records(out, records)
-    with_context = sum(bool((r.get("context") or "").strip()) for r in rows)
-    if with_context and fmt != "sentinel":
-        log.warning("%d pairs have a context; %s has no context field, so it now leads chosen and rejected",
-                    with_context, fmt)
-    stats = {"format": fmt, "src": str(pairs_path), "out": str(out), "rows": len(rows),
-             "context_joined": with_context if fmt != "sentinel" else 0}
-    log.info("exported %d pairs from %s -> %s (%s)", len(rows), pairs_path, out, fmt)
+    continuing = sum(continues_answer(r) for r in rows)
+    context = ("native" if fmt == "sentinel" else "prompt" if processor is not None
+               else "flattened" if flatten_context else "none")
+    if continuing and context == "none":
+        raise InputError(f"{pairs_path}: {context_refusal(fmt, continuing, len(rows))}")
+    processor_name = None
+    if isinstance(processor, (str, os.PathLike)):
+        from halludpo.models import load_processor
+
+        processor_name, processor = str(processor), load_processor(str(processor))
+    elif processor is not None:
+        processor_name = getattr(getattr(processor, "tokenizer", processor), "name_or_path", None) or None
+    root = Path(image_root).absolute() if image_paths == "relative" else None
+    info = {"written_by": "halludpo.interop", "format": fmt, "image_paths": image_paths,
+            "image_root": str(root) if root else None, "context": context, "processor": processor_name}
+    opts = ExportOptions(fmt, lambda i: f"{pairs_path} row {i + 1}", image_paths, root,
+                         Path(project_root) if project_root else Path("."), context, processor, info)
+    records = spec.write(rows, opts)
+    write_records(out, records, info)
+    if continuing and context == "flattened":
+        log.warning("%d pairs continue an answer; flattened: their context leads chosen and rejected, and %s scores "
+                    "it, and an end-of-turn after every sentence", continuing, fmt)
+    stats = {"format": fmt, "src": str(pairs_path), "out": str(out), "rows": len(rows), "image_paths": image_paths,
+             "image_root": info["image_root"], "context": context, "continuing_pairs": continuing,
+             "context_joined": sum(bool((r.get("context") or "").strip()) for r in rows) if context == "flattened"
+             else 0}
+    if opts.token_mismatches is not None:
+        stats["token_mismatches"] = opts.token_mismatches
+    log.info("exported %d pairs from %s -> %s (%s; image paths %s; context %s)", len(rows), pairs_path, out, fmt,
+             image_paths, context)
     return stats
 
 
@@ -705,7 +928,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     exp.add_argument("--format", required=True, choices=sorted(FORMATS))
     exp.add_argument("--src", "--pairs", dest="src", required=True, help="our pairs.jsonl (or ref_logps.jsonl)")
     exp.add_argument("--out", required=True, help="file to write; its suffix picks .parquet/.json/.jsonl")
+    exp.add_argument("--image-paths", choices=IMAGE_PATHS,
+                     help="absolute (the default), relative to --image-root (the default when it is given), or "
+                          "source: the source's own path for rows imported from this format")
     exp.add_argument("--image-root", help="write image paths relative to this folder")
+    exp.add_argument("--project-root", help="folder the pairs file's relative image paths start from (default: the "
+                                            "current folder; the pipeline's pairs start from the project root)")
+    exp.add_argument("--processor", help="trl: the model TRL trains (folder or hub id); its chat template renders "
+                                         "plain-text prompts holding the context, so TRL scores only the response")
+    exp.add_argument("--flatten-context", action="store_true",
+                     help="export pairs that continue an answer to a format without an unscored prefix: the "
+                          "context goes in front of chosen and rejected (and is scored)")
     return parser.parse_args(argv)
 
 
@@ -716,7 +949,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.command == "import":
             stats = import_pairs(args.format, args.src, args.out, args.image_root, args.skip_missing)
         else:
-            stats = export_pairs(args.format, args.src, args.out, args.image_root)
+            stats = export_pairs(args.format, args.src, args.out, args.image_root, image_paths=args.image_paths,
+                                 project_root=args.project_root, processor=args.processor,
+                                 flatten_context=args.flatten_context)
     except (InputError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps(stats, indent=2))
