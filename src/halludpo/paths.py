@@ -112,6 +112,12 @@ def train_dir(cfg: DictConfig, k: int) -> Path:
     return round_dir(cfg, k) / "train"
 
 
+def train_checkpoints_dir(cfg: DictConfig, k: int) -> Path:
+    """Rule dpo's Trainer checkpoints (every train.save_steps steps): outside the rule's outputs, so Snakemake keeps
+    them when the job fails and a rerun resumes from them; the stage removes them once its outputs are written."""
+    return round_dir(cfg, k) / "train_checkpoints"
+
+
 def rounds_plot(cfg: DictConfig) -> Path:
     return Path(cfg.paths.experiment_dir) / "rounds.png"
 

@@ -254,6 +254,7 @@ SETTINGS: dict[str, Setting] = {
     "train.scheduler": one_of(*SCHEDULERS),
     "train.warmup_ratio": number(0, 1, high_open=True),  # the Trainer's warmup_steps: a float in [0, 1) is a ratio
     "train.ref_batch_size": COUNT,
+    "train.save_steps": COUNT,
     "train.bf16": flag(),
     "train.deepspeed": nullable(text()),
     "train.lora.r": COUNT,

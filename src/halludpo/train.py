@@ -6,14 +6,21 @@ merge) — model_k -> model_{k+1}.
     python -m halludpo.train step=merge round=0
 
 The loop is transformers.Trainer (DeepSpeed, accelerate, checkpoints come with it); the losses are the pure
-functions of halludpo.losses over a (segments x batch) tensor of summed log-probs.
+functions of halludpo.losses over a (segments x batch) tensor of summed log-probs. Rule dpo resumes from its
+checkpoints after a kill and stops with a checkpoint on SIGTERM (docs/cluster.md "Resuming training").
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import os
+import re
 import shutil
+import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,11 +28,12 @@ from accelerate import PartialState
 import torch
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from halludpo import paths
 from halludpo.config import stage_main, to_plain
-from halludpo.io import InputError, publish_tree, read_jsonl, write_json, write_jsonl
+from halludpo.io import InputError, publish_tree, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
 from halludpo.losses import N_SEGMENTS, loss_terms, preference_loss
 from halludpo.models import load_model_and_processor, model_device, save_model
 from halludpo.scoring import (
@@ -255,21 +263,178 @@ def warn_early_saturation(accuracies: list[float], frac: float = 0.05, min_steps
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: resuming after a kill, stopping on SIGTERM
+
+# The newest checkpoint can be cut off while it is written; the one before it stays whole.
+CHECKPOINTS_KEPT = 2
+COMPLETE = "halludpo_complete.json"  # written into a checkpoint last: the checkpoint is whole
+FINGERPRINT = "fingerprint.json"  # what the checkpoints of a folder were trained from
+UNFINGERPRINTED = ("save_steps",)  # when checkpoints are written changes nothing that is trained
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+STOPPED_EXIT = 128 + signal.SIGTERM  # 143: how a shell reports a process that SIGTERM ended
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM arrived: training stopped at the end of that step, whose checkpoint is saved."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint saved in {checkpoint}; rerun to resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def training_fingerprint(train: dict, pairs_file: str | Path) -> dict:
+    """What a run's checkpoints come from: hashes of the train settings (save_steps aside) and of the pairs file."""
+    settings = {k: v for k, v in train.items() if k not in UNFINGERPRINTED}
+    return {"train": sha256_json(settings), "pairs": sha256_file(pairs_file)}
+
+
+def write_small_json(path: Path, obj) -> None:
+    """Whole or absent. Not halludpo.io's writer: checkpoints are no stage output and stay out of the manifest."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_small_json(path: Path):
+    """The JSON in path, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoints_in(folder: Path) -> dict[int, Path]:
+    """{step: checkpoint folder} of the Trainer's checkpoints in folder, whole or not."""
+    found = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir():
+            found[int(match.group(1))] = path
+    return found
+
+
+def prepare_checkpoints(folder: Path, fingerprint: dict) -> None:
+    """Leave in folder only whole checkpoints trained from `fingerprint`: a folder of another fingerprint is
+    emptied (with one log line), a checkpoint without its COMPLETE mark (cut off while written) is removed."""
+    if folder.exists() and read_small_json(folder / FINGERPRINT) != fingerprint:
+        log.warning("%s: checkpoints of other train settings or pairs (fingerprint.json differs); starting over",
+                    folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_small_json(folder / FINGERPRINT, fingerprint)
+    for checkpoint in checkpoints_in(folder).values():
+        if not (checkpoint / COMPLETE).is_file():
+            log.info("%s was cut off while it was written: removed", checkpoint)
+            shutil.rmtree(checkpoint)
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest whole checkpoint in folder, or None."""
+    whole = {step: path for step, path in checkpoints_in(folder).items() if (path / COMPLETE).is_file()}
+    return whole[max(whole)] if whole else None
+
+
+class MarkComplete(TrainerCallback):
+    """Writes COMPLETE into every checkpoint once the Trainer has saved all of it, with the reward accuracies so
+    far, which the Trainer does not save (warn_early_saturation reads them from the first step on)."""
+
+    def __init__(self, trainer: "PreferenceTrainer"):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            torch.distributed.barrier()  # every process has written its part of the checkpoint
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            write_small_json(folder / COMPLETE, {"step": state.global_step,
+                                                 "accuracies": self.trainer.accuracy_history})
+
+
+class StopOnSigterm(TrainerCallback):
+    """Ends training with a checkpoint at the end of the step during which SIGTERM arrived. The handler only sets a
+    flag: saving inside it could interrupt the optimizer step or a write that is under way."""
+
+    def __init__(self):
+        self.received = False
+        self.stopped_at: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        self.received = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        """SIGTERM handled by this callback within the block, as before the block after it."""
+        previous = signal.signal(signal.SIGTERM, self.handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.any_process_received(args):
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def any_process_received(self, args) -> bool:
+        """Whether any process got SIGTERM: all stop at the same step, or the others would wait for it forever."""
+        if args.world_size == 1:
+            return self.received
+        flag = torch.tensor(float(self.received), device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train_resumably(trainer: "PreferenceTrainer", folder: Path, fingerprint: dict):
+    """trainer.train() with a checkpoint in folder every train.save_steps steps, resumed from the last whole one
+    trained from the same fingerprint (and process count). Raises TrainingStopped after SIGTERM."""
+    fingerprint = fingerprint | {"processes": trainer.args.world_size}
+    if trainer.is_world_process_zero():
+        prepare_checkpoints(folder, fingerprint)
+    trainer.accelerator.wait_for_everyone()
+    resume = last_checkpoint(folder)
+    if resume is not None:
+        trainer.accuracy_history = read_small_json(resume / COMPLETE)["accuracies"]
+        log.info("resuming from step %d: %s", int(CHECKPOINT_NAME.match(resume.name).group(1)), resume)
+    stop = StopOnSigterm()
+    trainer.add_callback(MarkComplete(trainer))
+    trainer.add_callback(stop)
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped_at is not None and stop.stopped_at < trainer.state.max_steps:
+        raise TrainingStopped(stop.stopped_at, folder / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}")
+    return result
+
+
+def mean_step_loss(history: list[dict]) -> float:
+    """The Trainer's training_loss, from the logged step losses (logging_steps=1) summed in the Trainer's order: a
+    resumed Trainer averages only the steps it ran itself."""
+    total = 0.0
+    for entry in history:
+        total += entry["loss"]
+    return total / len(history) if history else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def training_arguments(out_dir: Path, train: dict, n_examples: int, on_cuda: bool = False) -> TrainingArguments:
+def training_arguments(out_dir: Path, train: dict, n_examples: int, on_cuda: bool = False,
+                       checkpoints: bool = False) -> TrainingArguments:
     """The Trainer's arguments; on_cuda = the model was loaded on a GPU (model.device): the Trainer keeps it there,
-    and only then do DeepSpeed and bf16 apply. Otherwise it trains on the CPU, whatever the machine has."""
+    and only then do DeepSpeed and bf16 apply. Otherwise it trains on the CPU, whatever the machine has.
+    checkpoints: a checkpoint in out_dir every train.save_steps steps, the last CHECKPOINTS_KEPT kept."""
     deepspeed = train.get("deepspeed") if on_cuda else None
+    saving = (dict(save_strategy="steps", save_steps=train["save_steps"], save_total_limit=CHECKPOINTS_KEPT)
+              if checkpoints else dict(save_strategy="no"))
     return TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=train["batch_size"],
         gradient_accumulation_steps=train["grad_accum"], learning_rate=train["lr"],
         num_train_epochs=train["epochs"], lr_scheduler_type=train["scheduler"], warmup_steps=train["warmup_ratio"],
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to="none",
         seed=train["seed"], data_seed=train["seed"], remove_unused_columns=False, use_cpu=not on_cuda,
         dataloader_num_workers=0, disable_tqdm=False, deepspeed=deepspeed,
-        bf16=bool(train.get("bf16")) and on_cuda,
+        bf16=bool(train.get("bf16")) and on_cuda, **saving,
     )
 
 
@@ -281,9 +446,12 @@ def loss_params(train: dict) -> dict:
 
 
 def train_preference(model, processor, rows: list[dict], out_dir: str | Path, train: dict, model_path: str,
-                     source: str = "pairs", callbacks: list | None = None) -> dict:
+                     source: str = "pairs", callbacks: list | None = None, checkpoint_dir: str | Path | None = None,
+                     fingerprint: dict | None = None) -> dict:
     """LoRA preference optimisation of model on rows; saves the adapter to out_dir/adapter. Returns stats.
-    callbacks: extra transformers TrainerCallbacks (MLflow: the live training curve)."""
+    callbacks: extra transformers TrainerCallbacks (MLflow: the live training curve).
+    checkpoint_dir: resumable training (train_resumably) with checkpoints there, of this fingerprint
+    (training_fingerprint); the caller removes the folder once it no longer needs it. None: no checkpoints."""
     out_dir = Path(out_dir)
     warn_off_policy(rows, model_path)
     if train["reference"] == "online":
@@ -297,24 +465,30 @@ def train_preference(model, processor, rows: list[dict], out_dir: str | Path, tr
     n_segments = N_SEGMENTS[train["loss"]]
     if len(dataset.items[0]["segments"]) != n_segments:
         raise ValueError(f"loss {train['loss']!r} needs {n_segments} segments per example")
-    args = training_arguments(out_dir / "trainer", train, len(dataset), model_device(model).type == "cuda")
+    trainer_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "trainer"
+    args = training_arguments(trainer_dir, train, len(dataset), model_device(model).type == "cuda",
+                              checkpoints=checkpoint_dir is not None)
     trainer = PreferenceTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=PairCollator(processor.tokenizer.pad_token_id), loss_name=train["loss"], beta=train["beta"],
         sft_weight=train["sft_weight"], loss_params=loss_params(train), callbacks=callbacks,
     )
     log.info("training on device %s (bf16 %s, DeepSpeed %s)", trainer.args.device, args.bf16, args.deepspeed)
-    result = trainer.train()
+    if checkpoint_dir is None:
+        result = trainer.train()
+    else:
+        result = train_resumably(trainer, trainer_dir, fingerprint or {})
     warn_early_saturation(trainer.accuracy_history)
     if trainer.is_deepspeed_enabled:
         trainer.save_model(str(out_dir / "adapter"))  # gathers ZeRO-3 shards; the main process writes
     elif trainer.is_world_process_zero():
         model.save_pretrained(out_dir / "adapter")
     publish_tree(out_dir / "adapter")  # the umask's permissions (safetensors: 0o600), into the stage's manifest
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    if trainer.is_world_process_zero():
-        shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    return {"pairs": len(dataset), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+    # keys sorted: a resumed run reads its earlier entries back from a checkpoint's trainer_state.json, sorted
+    history = [dict(sorted(h.items())) for h in trainer.state.log_history if "loss" in h]
+    if trainer.is_world_process_zero() and checkpoint_dir is None:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+    return {"pairs": len(dataset), "steps": trainer.state.global_step, "train_loss": mean_step_loss(history),
             "train_seconds": result.metrics["train_runtime"],
             "trainable_tensors": len(trainable), "reference": train["reference"], "history": history}
 
@@ -357,13 +531,19 @@ def run(cfg: DictConfig) -> None:
             raise InputError(f"{source}: no preference pairs to train on")
         model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype,
                                                     cfg.model.device)
-        out_dir = paths.train_dir(cfg, k)
-        stats = train_preference(model, processor, rows, out_dir, train, model_path, str(source),
-                                 callbacks=training_callbacks(cfg))  # MLflow: curves to round k's child run
+        out_dir, checkpoints = paths.train_dir(cfg, k), paths.train_checkpoints_dir(cfg, k)
+        try:
+            stats = train_preference(model, processor, rows, out_dir, train, model_path, str(source),
+                                     callbacks=training_callbacks(cfg),  # MLflow: curves to round k's child run
+                                     checkpoint_dir=checkpoints, fingerprint=training_fingerprint(train, source))
+        except TrainingStopped as stopped:
+            log.error("%s", stopped)
+            sys.exit(STOPPED_EXIT)
         if PartialState().is_main_process:  # `accelerate launch` on several GPUs: one writer
             write_jsonl(out_dir / "train_log.jsonl", stats.pop("history"))
             # timings stay in the rule's benchmarks file: the same config gives the same result files
             write_json(out_dir / "train_stats.json", {k: v for k, v in stats.items() if k != "train_seconds"})
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the outputs are whole: nothing is left to resume
     elif cfg.step == "merge":
         merge_adapter(model_path, paths.train_dir(cfg, k) / "adapter", cfg.model.family, paths.model_dir(cfg, k + 1),
                       cfg.model.dtype, cfg.model.device)
