@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: on a machine with a GPU, the tiny DAG (the tiny config of tests/test_pipeline.py, base + 1 round) with
 # every model stage on CUDA; it fails unless the runs complete and the log of every model stage says "on device
-# cuda". Two experiments, so every model stage runs: toy_apasi (generate, evaluate, inject, reference_logps, dpo,
-# merge), then toy_sentinel_symmpo on the same toy world and model_0 (sentinel, contrast_embeddings). A few minutes
+# cuda". Two experiments, so every model stage runs: toy_apasi (generate, pope_answers, inject, reference_logps,
+# dpo, merge), then toy_sentinel_symmpo on the same toy world and model_0 (sentinel, contrast_embeddings). A few minutes
 # on a GPU; nothing is downloaded. Without a GPU it says so and runs the same DAG on the CPU, checking "cpu".
 #
 #   bench/gpu_check.sh [workdir]      # default: a new temporary folder; PYTHON=... to use another interpreter
@@ -50,7 +50,9 @@ check_logs() {  # experiment, rules whose stage loads a model
   shift
   for rule in "$@"; do
     found=0
-    for log in "$WORK/results/$experiment/logs/${rule}_"*r[0-9]*.log; do
+    # a shard job's log (<rule>_[split_]<i>-of-<n>_r<k>.log) or a round's (<rule>_r<k>.log); not <rule>_pairs_r<k>
+    for log in "$WORK/results/$experiment/logs/${rule}_"*[0-9]-of-[0-9]*_r[0-9]*.log \
+               "$WORK/results/$experiment/logs/${rule}_r"[0-9]*.log; do
       [ -f "$log" ] || continue
       found=1
       grep -q "on device $DEVICE" "$log" || fail "$log does not report device $DEVICE"
@@ -62,9 +64,9 @@ check_logs() {  # experiment, rules whose stage loads a model
 
 SECONDS=0
 run_experiment toy_apasi ",method.generation.max_new_tokens=24"
-check_logs toy_apasi generate evaluate inject reference_logps dpo merge
+check_logs toy_apasi generate pope_answers inject reference_logps dpo merge
 grep -q "training on device $DEVICE" "$WORK/results/toy_apasi/logs/dpo_r0.log" \
   || fail "the Trainer did not run on $DEVICE"
 run_experiment toy_sentinel_symmpo ",$SENTINEL"
-check_logs toy_sentinel_symmpo generate evaluate sentinel contrast_embeddings reference_logps dpo merge
+check_logs toy_sentinel_symmpo generate pope_answers sentinel contrast_embeddings reference_logps dpo merge
 echo "gpu_check: OK: every model stage ran on $DEVICE ($SECONDS s)"

@@ -187,7 +187,7 @@ def run_merge(cfg, tiny_world):
 STAGES = {  # rule: (overrides, how it runs, the call it reaches)
     "generate eval": ([], run_generate, "generate"),
     "generate gen": (["split=gen", "method.generation.n_images=4"], run_generate, "generate"),
-    "evaluate": ([], run_evaluate, "generate"),
+    "pope_answers": (["step=answers"], run_evaluate, "generate"),
     "inject": ([], run_inject, "generate"),
     "sentinel": (["experiment=toy_sentinel", "verifier.oracle=true", "method.instances=${data.train_instances}",
                   "method.images_dir=${data.train_images}", "method.n_images=4"], run_sentinel, "generate"),

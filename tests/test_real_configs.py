@@ -143,17 +143,20 @@ def dry_run(workdir: Path, experiment: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-EXPECTED_JOBS = {  # rounds R: generate = (R+1) eval + R gen; evaluate = R+1; per round: pairs, reference, dpo, merge
-    "apasi_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 5, "inject": 2,
-                         "reference_logps": 2, "dpo": 2, "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
-    "apasi_qwen2vl_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 5, "inject": 2,
-                         "reference_logps": 2, "dpo": 2, "merge": 2, "evaluate": 3, "summarize": 1, "all": 1},
-    "symmpo_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 5, "inject": 2,
-                          "contrast_embeddings": 2, "contrast": 2, "reference_logps": 2, "dpo": 2, "merge": 2,
-                          "evaluate": 3, "summarize": 1, "all": 1},
-    "sentinel_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 2,
-                            "sentinel": 1,  # detectors: no training
-                            "reference_logps": 1, "dpo": 1, "merge": 1, "evaluate": 2, "summarize": 1, "all": 1},
+# rounds R, shards S of each stage (parallel.shards.*): generate = ((R+1) eval + R gen) x S, gathered by
+# gather_generate; pope_answers = (R+1) x S; per round: the pairs' shard jobs + their gather, reference shards +
+# gather, dpo, merge
+APASI_7B = {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 40, "gather_generate": 5, "inject": 16,
+            "inject_pairs": 2, "reference_logps": 16, "gather_reference_logps": 2, "dpo": 2, "merge": 2,
+            "pope_answers": 12, "evaluate": 3, "summarize": 1, "all": 1}
+EXPECTED_JOBS = {
+    "apasi_llava15_7b": APASI_7B,
+    "apasi_qwen2vl_7b": APASI_7B,
+    "symmpo_llava15_7b": APASI_7B | {"contrast_embeddings": 2, "contrast": 2},
+    "sentinel_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 16, "gather_generate": 2,
+                            "sentinel": 16, "sentinel_pairs": 1,  # detectors: no training
+                            "reference_logps": 8, "gather_reference_logps": 1, "dpo": 1, "merge": 1,
+                            "pope_answers": 8, "evaluate": 2, "summarize": 1, "all": 1},
 }
 
 

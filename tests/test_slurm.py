@@ -30,9 +30,13 @@ PROFILE = ROOT / "workflow" / "profiles" / "slurm"
 BIN = Path(sys.executable).parent
 # Rules that run a model get a GPU; the others none. Every rule in workflow/rules/ is in exactly one of the sets.
 GPU_RULES = {"pretrain_base", "generate", "inject", "sentinel", "contrast_embeddings", "reference_logps", "dpo",
-             "evaluate"}
+             "pope_answers"}
 CPU_RULES = {"render", "prepare", "pope_questions", "contrast", "mix_pairs", "train_verifiers", "merge", "summarize",
-             "compare", "download", "fetch_model", "verify"}
+             "compare", "download", "fetch_model", "verify", "evaluate", "gather_generate", "inject_pairs",
+             "sentinel_pairs", "gather_reference_logps"}
+# Sharded model rules (parallel.shards): one SLURM job per shard; the gather rules run on the submitting host.
+SHARDS_3 = ["parallel.shards.generate=3", "parallel.shards.inject=3", "parallel.shards.reference_logps=3",
+            "parallel.shards.evaluate=3"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -134,7 +138,7 @@ def test_dpo_on_one_gpu_or_cpu_keeps_its_command(tmp_path):
     """The command text of rule dpo is what Snakemake compares to decide reruns: unchanged unless dpo has > 1 GPU."""
     local = planned_jobs(snakemake(tmp_path, "-n", "-p", "--cores", "2").stdout)["dpo"][0]["shell"]
     assert re.fullmatch(r"OMP_NUM_THREADS=2 (\S+=\S+ )*MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
-                        r"PYTHONPATH=\S+ \S*python\S* -m "
+                        r"PYTHONPATH=\S+ exec \S*python\S* -m "
                         r"halludpo\.train round=0 step=dpo \S.* hydra\.run\.dir=\S+/dpo_round0_stepdpo "
                         r"hydra\.job\.chdir=false > \S+/dpo_r0\.log 2>&1", local), local
     one = planned_jobs(snakemake(tmp_path, "-n", "-p", "--cores", "2", "--set-resources", "dpo:gpu=1").stdout)
@@ -149,7 +153,7 @@ def test_dpo_on_several_gpus_launches_accelerate(tmp_path):
     dpo = jobs["dpo"][0]
     assert dpo["resources"]["gpu"] == "4"
     assert re.match(r"OMP_NUM_THREADS=\$\(\( \(8 \+ 4 - 1\) / 4 \)\) (\S+=\S+ )*MKL_DYNAMIC=FALSE .* "
-                    r"-m accelerate\.commands\.launch "
+                    r"exec \S*python\S* -m accelerate\.commands\.launch "
                     r"--config_file \S+/configs/accelerate/multi_gpu\.yaml --num_processes 4 "
                     r"--main_process_port \$\(\(29500 \+ \$\{SLURM_JOB_ID:-0\} % 20000\)\) -m halludpo\.train "
                     r"round=0 step=dpo ", dpo["shell"]), dpo["shell"]
@@ -353,15 +357,16 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_toy_pipeline_through_real_slurm(slurm_cluster, tmp_path):
+def test_toy_pipeline_through_real_slurm(slurm_cluster, tiny_pipeline, tmp_path):
     """The tiny toy pipeline (base + 1 round) to summary.json, every job through sbatch: the shipped profile with
-    this cluster's partition, one CPU per GPU job, and short waits on the command line."""
+    this cluster's partition, one CPU per GPU job, and short waits on the command line. The model stages run as
+    3 shards each (3 sbatch jobs), and summary.json is the unsharded local run's byte for byte."""
     env = slurm_cluster.env | {"HALLUDPO_SLURM_PARTITION": "debug", "HALLUDPO_SLURM_GPU_PARTITION": "debug",
                                "HALLUDPO_SLURM_GPU_CPUS": "1"}
     started = time.monotonic()
     run = snakemake(tmp_path, "--profile", str(PROFILE), "--jobs", "2", "--retries", "0",
                     "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5",
-                    "--slurm-keep-successful-logs", env=env, timeout=900)
+                    "--slurm-keep-successful-logs", env=env, timeout=1200, overrides=TINY + SHARDS_3)
     wall = time.monotonic() - started
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
 
@@ -379,8 +384,9 @@ def test_toy_pipeline_through_real_slurm(slurm_cluster, tmp_path):
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         jobs.setdefault(re.sub(r"_wildcards_.*", "", fields.get("Comment", "")).removeprefix("rule_"),
                         []).append(fields)
-    expected = {"render": 1, "pope_questions": 1, "pretrain_base": 1, "generate": 3, "evaluate": 2, "inject": 1,
-                "reference_logps": 1, "dpo": 1, "merge": 1, "summarize": 1}
+    expected = {"render": 1, "pope_questions": 1, "pretrain_base": 1, "generate": 9, "pope_answers": 6,
+                "evaluate": 2, "inject": 3, "inject_pairs": 1, "reference_logps": 3, "dpo": 1, "merge": 1,
+                "summarize": 1}
     assert {rule: len(v) for rule, v in jobs.items()} == expected, jobs.keys()
     for rule, fields in jobs.items():
         for job in fields:

@@ -1,7 +1,8 @@
 """Stage `evaluate`: CHAIR on model_k's descriptions and POPE by asking model_k yes/no questions.
 
     python -m halludpo.evaluate step=questions      # rule pope_questions: POPE files from the eval annotations
-    python -m halludpo.evaluate round=0             # rule evaluate: chair.json + pope.json (+ per-sample JSONL)
+    python -m halludpo.evaluate round=0 step=answers shard=0 shards=4   # rule pope_answers: model_k answers
+    python -m halludpo.evaluate round=0 shards=4    # rule evaluate: chair.json + pope.json (+ per-sample JSONL)
 
 Every result file carries its full protocol (prompt, decoding, max_new_tokens, image ids and their hash, question
 file hashes, text pipeline, package versions): numbers that cannot be reproduced are the field's common complaint.
@@ -30,6 +31,7 @@ from halludpo.metrics.chair import COCO_COMPOUNDS, ChairScorer, ground_truth_fro
 from halludpo.metrics.pope import PARSE_DESCRIPTIONS, build_questions, parse_answer, pope_metrics
 from halludpo.metrics.text import get_text_pipeline
 from halludpo.models import load_model_and_processor
+from halludpo.shards import input_fingerprint, read_shards, run_batches, shard_file, shard_files, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +108,50 @@ def write_pope_questions(instances_path: str | Path, out_paths: dict[str, Path],
     return counts
 
 
+def unique_questions(questions: list[dict]) -> list[tuple[int, str, str]]:
+    """(image_id, file_name, text) of every distinct question, sorted: the yes-questions repeat across splits and
+    are asked once. This list, in this order, is what the pope_answers shards split."""
+    return sorted({(q["image_id"], q["file_name"], q["text"]) for q in questions})
+
+
 def answer_questions(model, processor, questions: list[dict], images_dir: str | Path, max_new_tokens: int,
-                     batch_size: int) -> dict[tuple[int, str], str]:
-    """Greedy answers, each distinct (image, question) asked once (the yes-questions repeat across splits)."""
-    unique = sorted({(q["image_id"], q["file_name"], q["text"]) for q in questions})
-    answers = generate_texts(model, processor, [str(Path(images_dir) / f) for _, f, _ in unique],
-                             [t for _, _, t in unique], decoding_kwargs({}, max_new_tokens), batch_size,
-                             desc="pope")
-    return {(i, t): a for (i, _, t), a in zip(unique, answers)}
+                     batch_size: int, positions: range | None = None, resume: tuple[Path, str] | None = None
+                     ) -> list[dict]:
+    """Greedy answers {image_id, text, answer} to the distinct questions at `positions` (default: all), in
+    batches; with resume=(shard file, fingerprint) resumable and written to the shard file (halludpo.shards)."""
+    unique = unique_questions(questions)
+    positions = range(len(unique)) if positions is None else positions
+
+    def work(start: int, stop: int) -> list[dict]:
+        chunk = unique[start:stop]
+        answers = generate_texts(model, processor, [str(Path(images_dir) / f) for _, f, _ in chunk],
+                                 [t for _, _, t in chunk], decoding_kwargs({}, max_new_tokens), batch_size,
+                                 progress=False)
+        return [{"image_id": i, "text": t, "answer": a} for (i, _, t), a in zip(chunk, answers)]
+
+    if resume is not None:
+        return run_batches(resume[0], positions, batch_size, work, resume[1], desc="pope")
+    return [row for start in range(positions.start, positions.stop, batch_size)
+            for row in work(start, min(start + batch_size, positions.stop))]
 
 
-def evaluate_pope(model, processor, question_files: dict[str, Path], images_dir: str | Path, max_new_tokens: int,
-                  batch_size: int, parse: str = "pope") -> tuple[dict, list[dict]]:
-    """parse: the answer parsing rule (eval.pope.parse; halludpo.metrics.pope.PARSE_RULES)."""
+def read_questions(question_files: dict[str, Path]) -> dict[str, list[dict]]:
+    return {s: read_jsonl(p, required=QUESTION_FIELDS) for s, p in question_files.items()}
+
+
+def evaluate_pope(answer_rows: list[dict], question_files: dict[str, Path], max_new_tokens: int,
+                  parse: str = "pope") -> tuple[dict, list[dict]]:
+    """POPE's metrics from the answers of rule pope_answers ({image_id, text, answer} rows of every distinct
+    question). parse: the answer parsing rule (eval.pope.parse; halludpo.metrics.pope.PARSE_RULES)."""
     if parse not in PARSE_DESCRIPTIONS:
         raise ValueError(f"eval.pope.parse={parse!r}; valid: {', '.join(PARSE_DESCRIPTIONS)}")
-    per_split = {s: read_jsonl(p, required=QUESTION_FIELDS) for s, p in question_files.items()}
-    answers = answer_questions(model, processor, [q for qs in per_split.values() for q in qs], images_dir,
-                               max_new_tokens, batch_size)
+    per_split = read_questions(question_files)
+    answers = {(row["image_id"], row["text"]): row["answer"] for row in answer_rows}
+    wanted = unique_questions([q for qs in per_split.values() for q in qs])
+    missing = [(i, t) for i, _, t in wanted if (i, t) not in answers]
+    if missing or len(answers) != len(wanted):
+        raise InputError(f"the POPE answers hold {len(answers)} questions, the question files {len(wanted)} "
+                         f"(first missing: {missing[:1]}): rerun rule pope_answers")
     metrics, samples = {}, []
     for split, qs in per_split.items():
         raw = [answers[(q["image_id"], q["text"])] for q in qs]
@@ -154,6 +182,21 @@ def pope_question_files(cfg: DictConfig) -> dict[str, Path]:
     return {s: paths.pope_questions(cfg, s) for s in cfg.eval.pope.splits}
 
 
+def answer_shard(cfg: DictConfig, k: int, answers_file: Path) -> None:
+    """Rule pope_answers, shard `cfg.shard` of `cfg.shards`: model_k answers its run of whole batches of the
+    distinct POPE questions (resumable) -> eval/shards/pope_answers.<i>-of-<n>.jsonl."""
+    question_files = pope_question_files(cfg)
+    questions = [q for qs in read_questions(question_files).values() for q in qs]
+    positions = shard_range(len(unique_questions(questions)), cfg.eval.batch_size, cfg.shard, cfg.shards)
+    model_path = paths.model_dir(cfg, k)
+    target = shard_file(answers_file, cfg.shard, cfg.shards)
+    fingerprint = input_fingerprint(to_plain(cfg), [model_path, *question_files.values()])
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
+    rows = answer_questions(model, processor, questions, cfg.data.eval_images, cfg.eval.pope.max_new_tokens,
+                            cfg.eval.batch_size, positions, resume=(target, fingerprint))
+    log.info("round %d: shard %d of %d, %d POPE answers -> %s", k, cfg.shard, cfg.shards, len(rows), target)
+
+
 def run(cfg: DictConfig) -> None:
     if cfg.step == "questions":
         p = cfg.eval.pope
@@ -161,16 +204,19 @@ def run(cfg: DictConfig) -> None:
                                       p.per_image, cfg.eval.seed)
         log.info("POPE questions: %s", counts)
         return
-    if cfg.step != "main":
-        raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, main")
+    if cfg.step not in ("main", "answers"):
+        raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, answers, main")
     k = cfg.round
+    answers_file = paths.pope_json(cfg, k).with_name("pope_answers.jsonl")
+    if cfg.step == "answers":
+        answer_shard(cfg, k, answers_file)
+        return
     scorer = object_scorer(cfg)
     chair = evaluate_chair(paths.eval_generations(cfg, k), cfg.data.eval_instances, cfg.data.eval_captions, scorer)
     chair["round"] = k
-    model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype,
-                                                cfg.model.device)
-    pope, samples = evaluate_pope(model, processor, pope_question_files(cfg), cfg.data.eval_images,
-                                  cfg.eval.pope.max_new_tokens, cfg.eval.batch_size, parse=cfg.eval.pope.parse)
+    answer_rows = read_shards(shard_files(answers_file, cfg.shards), required=("image_id", "text", "answer"))
+    pope, samples = evaluate_pope(answer_rows, pope_question_files(cfg), cfg.eval.pope.max_new_tokens,
+                                  parse=cfg.eval.pope.parse)
     pope["round"] = k
     pope["protocol"]["model"] = str(paths.model_dir(cfg, k))
     pope["protocol"]["config"] = to_plain(cfg.eval.pope)

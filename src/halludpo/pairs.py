@@ -3,6 +3,9 @@
     python -m halludpo.pairs round=0                                   # method=apasi (rule inject) or sentinel
     python -m halludpo.pairs round=0 method=apasi_sentinel step=sentinel   # one method of a mix; then step=mix
 
+The model work is sharded (halludpo.shards): shard=i shards=n runs shard i (APASI's text-only completions,
+SENTINEL's sampled sentences) into pairs/shards/; gather=true shards=n builds the pairs from all shards.
+
 APASI (rule inject) injects hallucinations into model_k's descriptions; SENTINEL (rule sentinel) samples sentences
 and keeps pairs at the first hallucinated sentence with its context; a mixed method concatenates both (rule
 mix_pairs, halludpo.mixing).
@@ -27,6 +30,9 @@ from halludpo.injection import MODES, PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCo
 from halludpo.io import InputError, read_json, read_jsonl, write_json, write_jsonl
 from halludpo.mixing import apasi_verifies, method_settings, mix_pairs, pair_methods
 from halludpo.models import load_model_and_processor
+from halludpo.sentinel import build_sentinel_pairs
+from halludpo.shards import (RecordingCompleter, ReplayCompleter, batch_seed, input_fingerprint, read_shards,
+                             run_batches, shard_file, shard_files, shard_range)
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +75,7 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     if not generations:
         raise InputError(f"{source}: no generations")
     objects_of, vocabulary = object_finder(cfg)
-    model, processor = load_model_and_processor(paths.model_dir(cfg, k), cfg.model.family, cfg.model.dtype,
-                                                cfg.model.device)
-    completer = TextOnlyCompleter(model, processor, generations[0]["prompt"],
-                                  max_new_tokens=method.completion.max_new_tokens,
-                                  repetition_penalty=method.completion.repetition_penalty,
-                                  batch_size=method.completion.batch_size,
-                                  terminator=" ." if cfg.data.kind == "toy" else ".")
+    completer = apasi_completer(cfg, k, method, generations[0]["prompt"], out, source)
     rate = injection_rate(list(method.injection_rates), k)
     mode = injection_mode(method.mode, k)
     verify = method.get("verify") or {}
@@ -92,6 +92,12 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
                                     verify_correct=bool(verify.get("correct")),
                                     correct_as=verify.get("correct_as", "response"),
                                     mirror=bool(verify.get("mirror", False)))
+    if not cfg.gather:
+        if not completer.out.exists():  # no sentence to complete in any shard
+            write_jsonl(completer.out, [])
+        log.info("round %d: shard %d of %d of the completions -> %s", k, cfg.shard, cfg.shards,
+                 completer.out)
+        return stats
     if not rows:
         raise InputError(f"{source}: no preference pair could be built from {len(generations)} descriptions "
                          f"({stats}); the descriptions need >= 2 sentences with vocabulary objects")
@@ -100,6 +106,22 @@ def apasi_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     log.info("round %d: %d APASI pairs from %d descriptions (rate %.2f, mode %s) -> %s", k, len(rows),
              len(generations), rate, mode, out)
     return stats
+
+
+def apasi_completer(cfg: DictConfig, k: int, method, prompt: str, out: Path, source: Path):
+    """The completer of APASI's injected sentences: model_k without the image, completing this shard's part of
+    the prompts into pairs/shards/completions.<i>-of-<n>.jsonl; with gather=true the shards' completions."""
+    if cfg.gather:
+        return ReplayCompleter(shard_files(out, cfg.shards, "completions"))
+    model_path = paths.model_dir(cfg, k)
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
+    completer = TextOnlyCompleter(model, processor, prompt, max_new_tokens=method.completion.max_new_tokens,
+                                  repetition_penalty=method.completion.repetition_penalty,
+                                  batch_size=method.completion.batch_size,
+                                  terminator=" ." if cfg.data.kind == "toy" else ".")
+    fingerprint = input_fingerprint(to_plain(cfg), [model_path, source])
+    return RecordingCompleter(completer, shard_file(out, cfg.shard, cfg.shards, "completions"), cfg.shard,
+                              cfg.shards, fingerprint)
 
 
 def sentinel_items(method, k: int, seed: int, model_name: str) -> list[dict]:
@@ -152,12 +174,42 @@ def verifier_decide_fn(cfg: DictConfig, instances: str):
 def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
     """SENTINEL (rule sentinel): model_k grows each description sentence by sentence from n sampled sentences per
     step, objects through the CHAIR text pipeline, two verifiers cross-check them; pairs at the first hallucinated
-    sentence with the faithful context before it."""
-    from halludpo.inference import SentenceSampler
-    from halludpo.sentinel import build_sentinel_pairs, object_extractor, sample_contexts
-
+    sentence with the faithful context before it. Shard jobs (gather=false) sample the trajectories
+    (sample_shard); the gather step (rule sentinel_pairs) builds the pairs from all shards'."""
     sampling = method.sampling
     seed = round_seed(cfg, k)  # new images and samples every round
+    trajectories_file = out.with_name("trajectories.jsonl")
+    if cfg.gather:
+        trajectories = read_shards(shard_files(trajectories_file, cfg.shards))
+    else:
+        sample_shard(cfg, k, method, seed, shard_file(trajectories_file, cfg.shard, cfg.shards))
+        return {}
+    rows, stats = build_sentinel_pairs(trajectories, method.get("win", "context_coherent"),
+                                       bool(method.get("stop_pairs", False)))
+    write_jsonl(trajectories_file, trajectories)
+    if not rows:
+        raise InputError(f"round {k}: SENTINEL built no pair from {len(trajectories)} images ({stats}); a pair "
+                         "needs, at one step, a factual context-coherent sentence and a hallucinated one (more "
+                         "samples, more steps or more images help)")
+    stats |= {"round": k, "n": sampling.n, "max_steps": sampling.max_steps,
+              "verifier_oracle": bool(cfg.verifier.oracle)}
+    write_jsonl(out, rows)
+    write_json(out.with_name("pairs_stats.json"), stats)
+    log.info("round %d: %d SENTINEL pairs from %d images (%d steps) -> %s", k, len(rows), len(trajectories),
+             stats["steps"], out)
+    return stats
+
+
+def sample_shard(cfg: DictConfig, k: int, method, seed: int, target: Path) -> None:
+    """One shard of SENTINEL's sampling: its images' trajectories, grown chunk by chunk (sampling.batch_size
+    images each, sampled with batch_seed(seed, the chunk's first position)), so that a chunk draws the same
+    sentences in any shard and a killed shard resumes after its last finished chunk."""
+    import torch
+
+    from halludpo.inference import SentenceSampler
+    from halludpo.sentinel import object_extractor, sample_contexts
+
+    sampling = method.sampling
     model_path = paths.model_dir(cfg, k)
     items = sentinel_items(method, k, seed, str(model_path))
     if not items:
@@ -169,27 +221,22 @@ def sentinel_pairs(cfg: DictConfig, k: int, method, out: Path) -> dict:
                                                 cfg.model.device)
     sampler = SentenceSampler(model, processor, n=sampling.n, temperature=sampling.temperature,
                               max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p, seed=seed,
-                              desc=f"sentinel r{k}")
-    stop_pairs = bool(method.get("stop_pairs", False))
-    all_objects = sorted(set(scorer.synonyms.values())) if stop_pairs else None
+                              desc=f"sentinel r{k}", progress=False)
+    all_objects = sorted(set(scorer.synonyms.values())) if method.get("stop_pairs", False) else None
+    chunk = int(sampling.batch_size)
+
+    def work(start: int, stop: int) -> list[dict]:
+        torch.manual_seed(batch_seed(seed, start))
+        return sample_contexts(sampler, items[start:stop], sampling.n, sampling.max_steps, objects_of, decide,
+                               seed=seed, batch_size=chunk, all_objects=all_objects)
+
+    fingerprint = input_fingerprint(to_plain(cfg), [model_path, method.instances])
+    positions = shard_range(len(items), chunk, cfg.shard, cfg.shards)
     try:
-        trajectories = sample_contexts(sampler, items, sampling.n, sampling.max_steps, objects_of, decide,
-                                       seed=seed, batch_size=sampling.batch_size, all_objects=all_objects)
+        rows = run_batches(target, positions, chunk, work, fingerprint, desc=f"sentinel r{k} shard {cfg.shard}")
     finally:
         sampler.close()
-    rows, stats = build_sentinel_pairs(trajectories, method.get("win", "context_coherent"), stop_pairs)
-    write_jsonl(out.with_name("trajectories.jsonl"), trajectories)
-    if not rows:
-        raise InputError(f"round {k}: SENTINEL built no pair from {len(items)} images ({stats}); a pair needs, at "
-                         "one step, a factual context-coherent sentence and a hallucinated one (more samples, more "
-                         "steps or more images help)")
-    stats |= {"round": k, "n": sampling.n, "max_steps": sampling.max_steps,
-              "verifier_oracle": bool(cfg.verifier.oracle)}
-    write_jsonl(out, rows)
-    write_json(out.with_name("pairs_stats.json"), stats)
-    log.info("round %d: %d SENTINEL pairs from %d images (%d steps) -> %s", k, len(rows), len(items),
-             stats["steps"], out)
-    return stats
+    log.info("round %d: shard %d of %d, %d trajectories -> %s", k, cfg.shard, cfg.shards, len(rows), target)
 
 
 BUILDERS = {"apasi": apasi_pairs, "sentinel": sentinel_pairs}

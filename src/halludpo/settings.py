@@ -176,6 +176,10 @@ SETTINGS: dict[str, Setting] = {
     "round": integer(0),                              # and <= rounds (check_round)
     "split": one_of("eval", "gen"),
     "step": text(),                                   # each stage knows its own steps
+    "shard": integer(0),                              # and < shards (check_shard)
+    "shards": COUNT,
+    "gather": flag(),
+    "parallel.shards.*": COUNT,
     "paths.*": text(),
     # data
     "data.name": text(),
@@ -405,6 +409,13 @@ def check_round(tree: Mapping) -> list[tuple[str, str]]:
     return []
 
 
+def check_shard(tree: Mapping) -> list[tuple[str, str]]:
+    shards, i = tree.get("shards"), tree.get("shard")
+    if is_int(shards) and is_int(i) and i >= shards:
+        return [problem("shard", i, f"must be in [0, shards={shards})")]
+    return []
+
+
 def check_loss_contrast(tree: Mapping) -> list[tuple[str, str]]:
     """The loss scores the contrast rows the contrast stage writes: mdpo needs a contrast image, symmpo also the
     neighbour's chosen response; sigmoid and cdpo would leave a contrast stage's work unused."""
@@ -530,7 +541,8 @@ def check_pope_sources(tree: Mapping) -> list[tuple[str, str]]:
 
 
 CROSS_CHECKS: tuple[Callable[[Mapping], list[tuple[str, str]]], ...] = (
-    check_round, check_loss_contrast, check_method_select, check_mirror, check_image_prompts, check_contrast_areas,
+    check_round, check_shard, check_loss_contrast, check_method_select, check_mirror, check_image_prompts,
+    check_contrast_areas,
     check_world, check_toy_image_counts, check_arch, check_verifier_kinds, check_pope_sources,
 )
 

@@ -49,6 +49,7 @@ from halludpo.scoring import (
     segment_names,
     segment_specs,
 )
+from halludpo.shards import gather_jsonl, input_fingerprint, run_batches, shard_file, shard_files, shard_range
 from halludpo.tracking import training_callbacks  # MLflow: live training curves
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,14 @@ class RewardSaturationWarning(UserWarning):
 
 
 def compute_reference_logps(model, processor, rows: list[dict], max_length: int, batch_size: int,
-                            loss: str = "sigmoid") -> list[dict]:
+                            loss: str = "sigmoid", progress: bool = True) -> list[dict]:
     """pairs rows + {"ref_logps": {<segment name>: float, ...}} under model_k, for every segment of `loss`.
 
     Keys (scoring.SEGMENTS): chosen, rejected (every loss); mdpo adds chosen@contrast (y_w with the corrupted
     image); symmpo adds chosen_contrast (y'_w | m), chosen@contrast (y_w | m'), chosen_contrast@contrast (y'_w | m').
     """
     names = segment_names(loss)
-    logps = score_segments(model, processor, rows, loss, max_length, batch_size)
+    logps = score_segments(model, processor, rows, loss, max_length, batch_size, progress)
     return [r | {"ref_logps": dict(zip(names, column))} for r, column in zip(rows, logps.T.tolist())]
 
 
@@ -511,18 +512,35 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, family: str, o
 # Stage
 
 
+def reference_shard(cfg: DictConfig, k: int, train: dict, model_path: str, fields: tuple[str, ...]) -> None:
+    """Rule reference_logps, shard `cfg.shard` of `cfg.shards`: its run of whole ref_batch_size batches of the
+    scored pairs (resumable, halludpo.shards); with gather=true, the shards concatenated into ref_logps.jsonl."""
+    out = paths.ref_logps_jsonl(cfg, k)
+    if cfg.gather:
+        n = gather_jsonl(shard_files(out, cfg.shards), out)
+        log.info("%d pairs with reference log-probs from %d shard(s) -> %s", n, cfg.shards, out)
+        return
+    source = paths.scored_pairs_jsonl(cfg, k)
+    rows = read_jsonl(source, required=fields)
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
+    size = train["ref_batch_size"]
+
+    def work(start: int, stop: int) -> list[dict]:
+        return compute_reference_logps(model, processor, rows[start:stop], train["max_length"], size,
+                                       train["loss"], progress=False)
+
+    positions = shard_range(len(rows), size, cfg.shard, cfg.shards)
+    run_batches(shard_file(out, cfg.shard, cfg.shards), positions, size, work,
+                input_fingerprint(to_plain(cfg), [model_path, source]), desc=f"reference log-probs r{k}")
+
+
 def run(cfg: DictConfig) -> None:
     k = cfg.round
     train = to_plain(cfg.train)
     model_path = str(paths.model_dir(cfg, k))
     fields = required_fields(train["loss"])
     if cfg.step == "reference":
-        rows = read_jsonl(paths.scored_pairs_jsonl(cfg, k), required=fields)
-        model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype,
-                                                    cfg.model.device)
-        out = compute_reference_logps(model, processor, rows, train["max_length"], train["ref_batch_size"],
-                                      train["loss"])
-        write_jsonl(paths.ref_logps_jsonl(cfg, k), out)
+        reference_shard(cfg, k, train, model_path, fields)
     elif cfg.step == "dpo":
         source = (paths.ref_logps_jsonl(cfg, k) if train["reference"] == "stored"
                   else paths.scored_pairs_jsonl(cfg, k))

@@ -13,7 +13,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from stage_code import module_sources, stage_interpreter
-from halludpo import determinism, paths
+from halludpo import determinism, paths, shards
 from halludpo.config import ConfigError, compose, normalize_overrides, to_plain
 
 validate(config, schema="../schemas/snakemake_config.schema.yaml")
@@ -94,3 +94,32 @@ def model_marker(wildcards):
 
 wildcard_constraints:
     k=r"\d+",
+
+
+# Sharded model stages (halludpo.shards): rule <stage> runs shard {i} of {n} (a SLURM job each, on its own GPU);
+# a local gather rule concatenates or combines the shard files in order. A finished output keeps the shard files
+# it was made from as its inputs, so changing parallel.shards afterwards reruns nothing; the count applies to
+# outputs made from then on (delete an output, or --forcerun its rule, to remake it with the new count).
+wildcard_constraints:
+    i=r"\d+",
+    n=r"\d+",
+
+
+def shard_count(stage_name):
+    return int(CFG.parallel.shards[stage_name])
+
+
+def gathered_shards(final, stage_name, name=None):
+    """Input function of a gather rule: the shard files of `final` (a path template with the rule's wildcards)."""
+
+    def shard_inputs(wildcards):
+        target = final.format(**wildcards)
+        recorded = shards.finished_shard_count(target, name) if Path(target).exists() else None
+        return [str(p) for p in shards.shard_files(target, recorded or shard_count(stage_name), name)]
+
+    return shard_inputs
+
+
+def shard_settings(**settings):
+    """A shard job's stage settings: the rule's own plus shard={wildcards.i} shards={wildcards.n}."""
+    return settings | {"shard": "{wildcards.i}", "shards": "{wildcards.n}"}

@@ -22,13 +22,39 @@ if not RELEASED_POPE:
             stage("evaluate", "pope_questions", step="questions") + " > {log} 2>&1"
 
 
+POPE_JSON = str(EXP / "round_{k}" / "eval" / "pope.json")  # its shards: eval/shards/pope_answers.*
+
+
+rule pope_answers:
+    """POPE by asking model_k, shard {i} of {n} of the distinct questions (greedy answers)."""
+    input:
+        code=code("evaluate"),
+        questions=POPE_QUESTIONS,
+        model=model_marker,
+    output:
+        str(EXP / "round_{k}" / "eval" / "shards" / "pope_answers.{i}-of-{n}.jsonl"),
+    params:
+        config=subtree("eval.pope.max_new_tokens", "eval.batch_size"),
+    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    log:
+        EXP / "logs" / "pope_answers_{i}-of-{n}_r{k}.log",
+    benchmark:
+        EXP / "benchmarks" / "pope_answers_{i}-of-{n}_r{k}.tsv"
+    shell:
+        "OMP_NUM_THREADS={threads} "
+        + stage("evaluate", "pope_answers", **shard_settings(round="{wildcards.k}", step="answers"))
+        + " > {log} 2>&1"
+
+
 rule evaluate:
-    """CHAIR on model_k's descriptions, POPE by asking model_k."""
+    """CHAIR on model_k's descriptions, POPE's metrics on the pope_answers shards' answers."""
     input:
         code=code("evaluate"),
         generations=str(EXP / "round_{k}" / "generate" / "eval.jsonl"),
         questions=POPE_QUESTIONS,
-        model=model_marker,
+        answers=gathered_shards(POPE_JSON, "evaluate", "pope_answers"),
     output:
         chair=report(str(EXP / "round_{k}" / "eval" / "chair.json"), caption="../report/chair.rst",
                      category="Evaluation", subcategory="round {k}"),
@@ -39,7 +65,7 @@ rule evaluate:
     params:
         config=subtree("data.vocabulary", "data.compounds", "data.eval_captions", "eval.chair.text_pipeline",
                        "eval.pope", "eval.batch_size"),
-    threads: workflow.cores
+        shards=lambda w, input: len(input.answers),
     conda:
         CONDA_ENV
     log:
@@ -47,4 +73,4 @@ rule evaluate:
     benchmark:
         EXP / "benchmarks" / "evaluate_r{k}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} " + stage("evaluate", "evaluate", round="{wildcards.k}") + " > {log} 2>&1"
+        stage("evaluate", "evaluate", round="{wildcards.k}", shards="{params.shards}") + " > {log} 2>&1"

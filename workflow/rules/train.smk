@@ -5,26 +5,50 @@ SCORED_PAIRS = str(EXP / "round_{k}" / "pairs" / ("pairs.jsonl" if CFG.contrast.
 
 rule reference_logps:
     """Summed log-probs of every scored segment of train.loss under model_k (chosen and rejected with the image,
-    plus the contrast segments of mDPO / SymMPO): computed once per round."""
+    plus the contrast segments of mDPO / SymMPO), shard {i} of {n} of the pairs: computed once per round."""
     input:
         code=code("train"),
         pairs=SCORED_PAIRS,
         model=model_marker,
     output:
-        str(EXP / "round_{k}" / "pairs" / "ref_logps.jsonl"),
+        str(EXP / "round_{k}" / "pairs" / "shards" / "ref_logps.{i}-of-{n}.jsonl"),
     params:
         config=subtree("train.max_length", "train.ref_batch_size", "train.loss"),
     threads: workflow.cores
     conda:
         CONDA_ENV
     log:
-        EXP / "logs" / "reference_logps_r{k}.log",
+        EXP / "logs" / "reference_logps_{i}-of-{n}_r{k}.log",
     benchmark:
-        EXP / "benchmarks" / "reference_logps_r{k}.tsv"
+        EXP / "benchmarks" / "reference_logps_{i}-of-{n}_r{k}.tsv"
     shell:
         "OMP_NUM_THREADS={threads} "
-        + stage("train", "reference_logps", round="{wildcards.k}", step="reference")
+        + stage("train", "reference_logps", **shard_settings(round="{wildcards.k}", step="reference"))
         + " > {log} 2>&1"
+
+
+REF_LOGPS = str(EXP / "round_{k}" / "pairs" / "ref_logps.jsonl")
+
+localrules:
+    gather_reference_logps,
+
+
+rule gather_reference_logps:
+    """reference_logps's shard files, concatenated in order: every scored pair with its reference log-probs."""
+    input:
+        code=code("train"),
+        shards=gathered_shards(REF_LOGPS, "reference_logps"),
+    output:
+        REF_LOGPS,
+    params:
+        shards=lambda w, input: len(input.shards),
+    conda:
+        CONDA_ENV
+    log:
+        EXP / "logs" / "gather_reference_logps_r{k}.log",
+    shell:
+        stage("train", "gather_reference_logps", round="{wildcards.k}", step="reference", gather="true",
+              shards="{params.shards}") + " > {log} 2>&1"
 
 
 def dpo_gpus():
@@ -47,8 +71,11 @@ def dpo_command():
     """One process (`{PYTHON} -m halludpo.train`) for CPU or one GPU -- the command text of every other stage --
     and accelerate's launcher (`accelerate launch`, run by the same interpreter) with one process per GPU when the
     rule has more (data parallel; train.deepspeed=configs/deepspeed/zero2.json or zero3.json shards it with
-    DeepSpeed ZeRO). The port comes from the SLURM job id, so two multi-GPU jobs on one node do not collide."""
+    DeepSpeed ZeRO). The port comes from the SLURM job id, so two multi-GPU jobs on one node do not collide.
+    `exec`: the stage replaces the job's shell, so SLURM's SIGTERM before a time limit reaches the training (which
+    saves a checkpoint and exits 143) instead of killing the shell and, with it, the job."""
     command = "OMP_NUM_THREADS={threads} " + stage("train", "dpo", round="{wildcards.k}", step="dpo") + " > {log} 2>&1"
+    command = command.replace("{PYTHON} -m halludpo.train", "exec {PYTHON} -m halludpo.train")
     if dpo_gpus() == 1:
         return command
     launch = ("{PYTHON} -m accelerate.commands.launch --config_file {ACCELERATE_CONFIG} "
@@ -61,7 +88,7 @@ def dpo_command():
 
 # What rule dpo reads: the scored pairs with model_k's stored log-probs (train.reference=stored), or the scored pairs
 # themselves (online: the trainer scores the reference with the adapter disabled; rule reference_logps never runs).
-DPO_PAIRS = SCORED_PAIRS if CFG.train.reference == "online" else rules.reference_logps.output[0]
+DPO_PAIRS = SCORED_PAIRS if CFG.train.reference == "online" else REF_LOGPS
 
 
 rule dpo:
