@@ -11,7 +11,7 @@ import torch
 from halludpo.inference import load_image
 from halludpo.losses import preference_loss
 from halludpo.models import load_model_and_processor
-from halludpo.scoring import IGNORE, collate_segments, encode_segment, forward_logps, pair_segments, summed_logps
+from halludpo.logprobs import IGNORE, collate_segments, encode_segment, forward_logps, pair_segments, summed_logps
 
 PROMPT = "Please describe this image in detail."
 CONTEXTS = ["", "this is a park scene .", "this is a park scene . there is a dog on the left ."]

@@ -89,7 +89,7 @@ def test_missing_image_names_the_pairs_line(pairs, tmp_path):
 def test_policy_and_reference_score_the_same_stored_contrast_image(pairs, tiny_model_dir, tmp_path, monkeypatch):
     """The reference stage and the trainer both load contrast_image_path, the one stored file: same bytes, and at
     LoRA init (policy == reference) every mDPO term is exactly log 2, which fails if the images differed."""
-    import halludpo.scoring as scoring
+    import halludpo.logprobs as logprobs
     from halludpo.train import compute_reference_logps, train_preference
 
     rows = image_contrast_rows(pairs, "corrupt", tmp_path / "contrast_images", seed=0)
@@ -97,14 +97,14 @@ def test_policy_and_reference_score_the_same_stored_contrast_image(pairs, tiny_m
     stored = {p: file_sha(p) for p in contrast_paths}
     seen: dict[str, list] = {"reference": [], "policy": []}
     phase = "reference"
-    real_load = scoring.load_image
+    real_load = logprobs.load_image
 
     def recording_load(path):
         image = real_load(path)
         seen[phase].append((str(path), hashlib.sha256(image.tobytes()).hexdigest()))
         return image
 
-    monkeypatch.setattr(scoring, "load_image", recording_load)
+    monkeypatch.setattr(logprobs, "load_image", recording_load)
     model, processor = load_model_and_processor(tiny_model_dir, "toy")
     scored = compute_reference_logps(model, processor, rows, 200, 4, loss="mdpo")
     phase = "policy"

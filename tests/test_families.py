@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from halludpo.inference import generate_texts, load_image
 from halludpo.models import load_model_and_processor, save_model
-from halludpo.scoring import encode_segment, score_pairs
+from halludpo.logprobs import encode_segment, score_pairs
 from halludpo.train import PairDataset, compute_reference_logps, lora_model, merge_adapter, preflight, train_preference
 from tests.conftest import TINY_TRAIN
 from tests.tiny_families import BUILDERS, FAMILIES

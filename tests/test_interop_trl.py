@@ -2,7 +2,7 @@
 
 An export written in the project root (whose pairs hold paths like results/data/...) trains from another folder;
 for SENTINEL's sentence pairs TRL's vision collator ([chosen_1..B; rejected_1..B], completion_mask) scores exactly
-the tokens our trainer scores (scoring.encode_segment): the new sentence, with the end-of-turn only where the
+the tokens our trainer scores (logprobs.encode_segment): the new sentence, with the end-of-turn only where the
 sentence ends the answer. Plain-text rows go through TRL's collator untokenized beforehand (vision datasets skip
 its dataset preparation), so its batch is where the scored token ids are read.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 
 from halludpo.interop import export_pairs, import_pairs, main
 from halludpo.io import InputError, read_jsonl, write_jsonl
-from halludpo.scoring import IGNORE, encode_segment, render_turn, scores_end
+from halludpo.logprobs import IGNORE, encode_segment, render_turn, scores_end
 from tests.tiny_families import BUILDERS
 
 trl = pytest.importorskip("trl")

@@ -43,6 +43,14 @@ def stage_cfg(results, tiny_world, model_dir, *extra):
                     "method.sampling.batch_size=4", *extra])
 
 
+def pairs_stage(cfg):
+    """The pairs stage as the rules run it: its one shard (the model work), then the gather step (the pairs)."""
+    pairs.run(cfg)
+    gather = cfg.copy()
+    gather.gather = True
+    pairs.run(gather)
+
+
 ORACLE = ["verifier.oracle=true", "method.instances=${data.train_instances}", "method.images_dir=${data.train_images}"]
 
 
@@ -99,7 +107,7 @@ def oracle_runs(tiny_world, sentence_model, tmp_path_factory):
     outs = []
     for i in range(2):
         cfg = stage_cfg(tmp_path_factory.mktemp(f"oracle_run{i}"), tiny_world, sentence_model, *ORACLE)
-        pairs.run(cfg)
+        pairs_stage(cfg)
         outs.append(paths.pairs_jsonl(cfg, 0))
     return outs
 
@@ -146,7 +154,7 @@ def test_pairs_stage_asks_the_learned_verifiers(tiny_world, sentence_model, tmp_
                     "verifier.thresholds=[0.5,0.7]")
     verifiers.run(cfg)
     try:  # tiny verifiers on 40 images may confirm no object at all: the stage then says so, after the trajectories
-        pairs.run(cfg)
+        pairs_stage(cfg)
     except InputError as err:
         assert "SENTINEL built no pair" in str(err)
     trajectories = read_jsonl(paths.pairs_jsonl(cfg, 0).with_name("trajectories.jsonl"))
@@ -174,7 +182,7 @@ def test_verified_apasi_injects_only_absent_objects_and_cleans_the_chosen(tiny_w
     """method.verify (extension) through the APASI pairs stage, with the annotation oracle as both verifiers: the
     "generations" are the training captions, which name an absent object on purpose (the language prior), each
     without its second sentence (so they miss a true object)."""
-    from halludpo.injection import split_sentences
+    from halludpo.apasi import split_sentences
     from halludpo.io import write_jsonl
 
     cfg = compose([f"paths.results={tmp_path}", f"paths.data_dir={tiny_world}", f"model.path={sentence_model}",
@@ -191,7 +199,7 @@ def test_verified_apasi_injects_only_absent_objects_and_cleans_the_chosen(tiny_w
          "prompt": "Please describe this image in detail.", "model": "toy", "round": 0,
          "response": "".join(s for i, s in enumerate(split_sentences(c["caption"])) if i != 1)}
         for c in captions])
-    pairs.run(cfg)
+    pairs_stage(cfg)
     rows = read_jsonl(paths.pairs_jsonl(cfg, 0))
     stats = json.loads(paths.pairs_jsonl(cfg, 0).with_name("pairs_stats.json").read_text())
     truth = verifiers.AnnotationOracleVerifier(tiny_world / "train" / "instances.json")

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from halludpo.inference import load_image
 from halludpo.models import load_model_and_processor
-from halludpo.scoring import (
+from halludpo.logprobs import (
     IGNORE,
     ImageTokenMismatch,
     check_image_tokens,

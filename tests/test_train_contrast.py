@@ -15,7 +15,7 @@ from halludpo.inference import load_image
 from halludpo.io import InputError
 from halludpo.losses import N_SEGMENTS
 from halludpo.models import load_model_and_processor
-from halludpo.scoring import (
+from halludpo.logprobs import (
     IGNORE,
     SEGMENTS,
     ImageTokenMismatch,

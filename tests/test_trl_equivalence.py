@@ -30,7 +30,7 @@ import torch
 
 from halludpo.losses import sigmoid_dpo
 from halludpo.models import build_word_tokenizer
-from halludpo.scoring import IGNORE, collate_segments, summed_logps
+from halludpo.logprobs import IGNORE, collate_segments, summed_logps
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -45,7 +45,7 @@ from halludpo import manifest, paths
 from halludpo.config import stage_main, to_plain
 from halludpo.inference import as_image, load_image
 from halludpo.io import InputError, atomic_path, read_jsonl, write_jsonl
-from halludpo.scoring import PAIR_FIELDS
+from halludpo.logprobs import PAIR_FIELDS
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def sentence_stop_kwargs(tokenizer) -> dict:
     """generate() kwargs that stop a sequence at the end of its first sentence: stop_strings '.', '!', '?' when the
     tokenizer supports them, else (word-level tokenizers, which transformers' StopStringCriteria cannot map) EOS
     plus the sentence-end tokens themselves as end-of-sequence ids."""
-    from halludpo.injection import _stop_strings_supported
+    from halludpo.apasi import _stop_strings_supported
 
     if _stop_strings_supported(tokenizer):
         return {"stop_strings": list(SENTENCE_END_TOKENS), "tokenizer": tokenizer}

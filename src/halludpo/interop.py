@@ -39,7 +39,7 @@ Exports:
   context       pairs that continue an answer (a context before the response, or meta.is_last_sent false) are
                 native to sentinel. trl with a processor gets plain-text rows: prompt = the chat template's rendering
                 + the context, completions = the new sentence, + the end-of-turn only where our trainer scores it
-                (scoring.scores_end), so TRL scores the tokens our trainer scores. Formats without an unscored
+                (logprobs.scores_end), so TRL scores the tokens our trainer scores. Formats without an unscored
                 prefix (apasi, rlaif_v, llamafactory; trl without a processor) refuse them unless flatten_context,
                 which puts the context in front of chosen and rejected (scored, with an end-of-turn after each).
   the pair      every exported row carries the field "halludpo": JSON {pair: our row, export: {image_paths,
@@ -581,14 +581,14 @@ def export_image_path(row: dict, opts: ExportOptions, i: int) -> str:
 def continues_answer(row: dict) -> bool:
     """A pair whose responses are not a whole answer: a context before them, or a sentence before the last one
     (meta.is_last_sent false: our trainer scores no end-of-turn after it)."""
-    from halludpo.scoring import ends_answer
+    from halludpo.logprobs import ends_answer
 
     return bool((row.get("context") or "").strip()) or not ends_answer(row)
 
 
 def responses(row: dict) -> tuple[str, str]:
     """chosen, rejected for formats without a context field: the context (only with flatten_context: the others
-    are refused) goes in front of both responses. Same join as scoring.join_context."""
+    are refused) goes in front of both responses. Same join as logprobs.join_context."""
     context = row.get("context") or ""
     if not context.strip():
         return row["chosen"], row["rejected"]
@@ -671,12 +671,12 @@ def export_llamafactory(rows: list[dict], opts: ExportOptions) -> list[dict]:
 
 
 class PlainTextRows:
-    """TRL's plain-text ("standard") rows that score what our trainer scores (scoring.encode_segment).
+    """TRL's plain-text ("standard") rows that score what our trainer scores (logprobs.encode_segment).
 
-    prompt = the processor's chat template rendered around the user turn (as scoring.render_turn renders it: an
+    prompt = the processor's chat template rendered around the user turn (as logprobs.render_turn renders it: an
     imported system turn is left out, as in our trainer), up to where the response starts: the generation prompt,
     or with a context, the finished turn cut after the context. chosen/rejected = the rest of the
-    finished turn: the response, and its end-of-turn only when our trainer scores it (scoring.scores_end: not after
+    finished turn: the response, and its end-of-turn only when our trainer scores it (logprobs.scores_end: not after
     a sentence before the last one). TRL's vision collator tokenizes prompt and completions apart, without special
     tokens, and adds nothing to plain-text completions, so it scores exactly these tokens. Our trainer tokenizes
     with special tokens: when the tokenizer adds a BOS, the prompt starts with the BOS string (followed by a space
@@ -696,7 +696,7 @@ class PlainTextRows:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def pair(self, row: dict, where: str) -> tuple[str, str, str]:
-        from halludpo.scoring import answer_start, join_context, render_turn, scores_end
+        from halludpo.logprobs import answer_start, join_context, render_turn, scores_end
 
         context = row.get("context") or ""
         prompts, completions = [], []

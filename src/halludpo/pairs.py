@@ -26,7 +26,7 @@ from halludpo import paths
 from halludpo.config import per_round, round_seed, stage_main, to_plain
 from halludpo.evaluate import object_scorer
 from halludpo.generate import select_images
-from halludpo.injection import MODES, PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter, build_apasi_pairs
+from halludpo.apasi import MODES, PAPER_TEMPLATES, TOY_TEMPLATES, TextOnlyCompleter, build_apasi_pairs
 from halludpo.io import InputError, read_json, read_jsonl, write_json, write_jsonl
 from halludpo.mixing import apasi_verifies, method_settings, mix_pairs, pair_methods
 from halludpo.models import load_model_and_processor

@@ -36,7 +36,7 @@ from halludpo.config import stage_main, to_plain
 from halludpo.io import InputError, publish_tree, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
 from halludpo.losses import N_SEGMENTS, loss_terms, preference_loss
 from halludpo.models import load_model_and_processor, model_device, save_model
-from halludpo.scoring import (
+from halludpo.logprobs import (
     PAIR_FIELDS,  # noqa: F401  (re-exported: the pairs contract, defined in scoring)
     check_image_tokens,
     collate_segments,
@@ -71,7 +71,7 @@ def compute_reference_logps(model, processor, rows: list[dict], max_length: int,
                             loss: str = "sigmoid", progress: bool = True) -> list[dict]:
     """pairs rows + {"ref_logps": {<segment name>: float, ...}} under model_k, for every segment of `loss`.
 
-    Keys (scoring.SEGMENTS): chosen, rejected (every loss); mdpo adds chosen@contrast (y_w with the corrupted
+    Keys (logprobs.SEGMENTS): chosen, rejected (every loss); mdpo adds chosen@contrast (y_w with the corrupted
     image); symmpo adds chosen_contrast (y'_w | m), chosen@contrast (y_w | m'), chosen_contrast@contrast (y'_w | m').
     """
     names = segment_names(loss)
@@ -84,7 +84,7 @@ def compute_reference_logps(model, processor, rows: list[dict], max_length: int,
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Encodes each example once up front: its `loss` segments (scoring.SEGMENTS order) + stored reference
+    """Encodes each example once up front: its `loss` segments (logprobs.SEGMENTS order) + stored reference
     log-probs. Every segment's image tokens are checked against its own image's feature count."""
 
     def __init__(self, rows: list[dict], processor, max_length: int, source: str = "pairs", loss: str = "sigmoid"):

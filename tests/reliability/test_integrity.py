@@ -22,7 +22,7 @@ from PIL import Image
 from halludpo import manifest
 from halludpo.download import fetch
 from halludpo.io import InputError, load_image, read_json, read_jsonl, write_json, write_jsonl, write_text
-from halludpo.scoring import example_images, example_segments
+from halludpo.logprobs import example_images, example_segments
 from halludpo.verify import verify
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -91,7 +91,7 @@ def test_other_modes_still_follow_the_rate():
 
 
 def build_pairs(rate, mode, skip=1):
-    from halludpo.injection import build_apasi_pairs
+    from halludpo.apasi import build_apasi_pairs
 
     return build_apasi_pairs(_generations(), toy_objects_of, TOY_OBJECTS, FakeCompleter(), rate, skip, mode,
                              TOY_TEMPLATES, seed=0)

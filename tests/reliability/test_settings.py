@@ -230,13 +230,13 @@ def test_enumerations_agree_with_the_modules_that_use_them():
     """settings.py copies the choices of modules that import torch (the Snakefile loads it at parse time)."""
     import transformers
 
-    from halludpo import (contrast, detectors, download, generate, injection, losses, models, scoring, sentinel,
+    from halludpo import (apasi, contrast, detectors, download, generate, logprobs, losses, models, sentinel,
                           toyworld, verifiers)
     from halludpo.metrics import pope, text
 
-    assert settings.LOSSES == tuple(losses.LOSSES) and set(settings.LOSS_CONTRAST) == set(scoring.SEGMENTS)
+    assert settings.LOSSES == tuple(losses.LOSSES) and set(settings.LOSS_CONTRAST) == set(logprobs.SEGMENTS)
     assert settings.CONTRAST_KINDS == contrast.KINDS
-    assert settings.INJECTION_MODES == injection.MODES and settings.CORRECT_AS == injection.CORRECT_AS
+    assert settings.INJECTION_MODES == apasi.MODES and settings.CORRECT_AS == apasi.CORRECT_AS
     assert settings.WIN_RULES == sentinel.WIN_RULES
     assert settings.TOY_VERIFIER_KINDS == verifiers.KINDS
     assert settings.DETECTOR_DTYPES == tuple(detectors.DTYPES)

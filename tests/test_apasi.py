@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from halludpo.injection import (
+from halludpo.apasi import (
     PAPER_TEMPLATES,
     TOY_TEMPLATES,
     TextOnlyCompleter,

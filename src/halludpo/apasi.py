@@ -436,7 +436,7 @@ def correction_sentence_rows(gen: dict, fix: dict, completions: dict[int, str], 
     sentence that has a replacement, context = the description before it (earlier hallucinated sentences already
     corrected, or dropped); form "sentence": chosen = the replacement sentence, rejected = the sentence as
     generated; form "object": the two cut after the object, differing only from its article on (object_swap).
-    meta.is_last_sent is false, so the context is masked and no end-of-turn is scored (halludpo.scoring): the pair
+    meta.is_last_sent is false, so the context is masked and no end-of-turn is scored (halludpo.logprobs): the pair
     cannot teach where the description stops, which whole-response corrections do whenever the chosen one is
     shorter. Dropped sentences (no seen object left to name) give no pair."""
     actions = {step["index"]: step for step in fix["plan"]}
