@@ -145,3 +145,36 @@ def test_a_rendered_world(tiny_world, tmp_path):
     assert {q.truth for q in data.questions.values() if q.dimension == "relation"} <= {"yes", "no"}
     assert sum(q.truth == "yes" for q in data.questions.values() if q.dimension == "attribute") == counts[
         "attribute"] // 2
+
+
+def test_toy_wording_uses_words_the_toy_model_knows(tiny_world, tmp_path):
+    """wording="toy": every question reads in the toy model's vocabulary (category names, colours, sizes, the
+    prompt and question words); AMBER's own wording has words it does not know. image_ids picks images."""
+    import re
+
+    from halludpo.pretrain import toy_vocabulary
+
+    known = set(toy_vocabulary([], extra=[*COLOURS, "small", "large"]))  # colours and sizes: the captions' words
+
+    def unknown(out):
+        queries = load_queries(out / "query_generative.json") + load_queries(out / "query_discriminative.json")
+        return {w for q in queries for w in re.findall(r"\w+|[^\w\s]+", q["query"].lower())} - known
+
+    toy, amber = tmp_path / "toy", tmp_path / "amber"
+    instances = json.loads((tiny_world / "eval" / "instances.json").read_text())
+    ids = [image["id"] for image in instances["images"]][::3]
+    counts = write_amber_split(tiny_world, toy, wording="toy", image_ids=ids)
+    write_amber_split(tiny_world, amber, image_ids=ids)
+    assert unknown(toy) == set()
+    assert {"direct", "contact", "between"} <= unknown(amber)
+    data = load_amber(toy)
+    assert counts["generative"] == len(ids) == len(data.generative)
+    assert not any(q.kind == "number" for q in data.questions.values())
+    relation = [q for q in load_queries(toy / "query_discriminative-relation.json")]
+    assert relation and all(re.fullmatch(r"Is the [a-z ]+ on the [a-z ]+ in this image\?", q["query"])
+                            for q in relation)
+    assert {q["image_id"] for q in load_queries(toy / "query_generative.json")} == set(ids)
+    with pytest.raises(ValueError, match="wording"):
+        write_amber_split(tiny_world, tmp_path / "x", wording="other")
+    with pytest.raises(ValueError, match="not in the eval split"):
+        write_amber_split(tiny_world, tmp_path / "x", image_ids=[-1])

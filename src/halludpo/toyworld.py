@@ -10,6 +10,7 @@ the language prior that makes a model trained on them hallucinate, as COCO capti
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -388,8 +389,16 @@ def _how_many(name: str, n: int) -> str:
     return f"Are there {AMBER_NUMBERS[n] if n < len(AMBER_NUMBERS) else n} {_plural(name)}"
 
 
+AMBER_WORDINGS = ("amber", "toy")
+# wording="toy": the questions in words the toy model knows (its word-level vocabulary: captions, prompts, the POPE
+# question and the category names; halludpo.pretrain.toy_vocabulary). AMBER's own wording is kept where the toy
+# knows every word (existence, colour and size questions); relation questions ask whether one object is "on" the
+# other ("direct contact" and "between" are unknown words); number questions are left out (no numerals or plurals).
+TOY_RELATION_QUESTION = "Is the {a} on the {b} in this image?"
+
+
 def write_amber_split(world_dir: str | Path, out_dir: str | Path, split: str = "eval", n_hallu: int = 5,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, wording: str = "amber", image_ids: Iterable[int] | None = None) -> dict:
     """Write a rendered split of the toy world in AMBER's format, so halludpo.metrics.amber can score it.
 
     Reads ``world_dir/<split>/instances.json`` and ``world_dir/world.json``; writes into ``out_dir``
@@ -412,7 +421,13 @@ def write_amber_split(world_dir: str | Path, out_dir: str | Path, split: str = "
 
     relation.json maps every category's word to its one-word synonyms of the toy world's table. Returns the
     counts per task and dimension.
+
+    wording: "amber" (AMBER's question texts, above) or "toy" (TOY_RELATION_QUESTION for relations, no number
+    questions: the words a toy model can read). image_ids: only these images of the split get items (in the split's
+    file order; the co-occurrence statistics still count every image of the split); None = all.
     """
+    if wording not in AMBER_WORDINGS:
+        raise ValueError(f"wording={wording!r}; valid: {', '.join(AMBER_WORDINGS)}")
     from halludpo.io import read_json
 
     world_dir, out_dir = Path(world_dir), Path(out_dir)
@@ -437,7 +452,11 @@ def write_amber_split(world_dir: str | Path, out_dir: str | Path, split: str = "
 
     annotations, generative_queries = [], []
     attribute, existence, relation = [], [], []  # (image, truth, type, query) per dimension, in AMBER's id order
-    for k, image in enumerate(instances["images"], start=1):
+    chosen = None if image_ids is None else set(image_ids)
+    if chosen is not None and not chosen <= set(placed):
+        raise ValueError(f"image ids not in the {split} split: {sorted(chosen - set(placed))[:5]}")
+    images = [image for image in instances["images"] if chosen is None or image["id"] in chosen]
+    for k, image in enumerate(images, start=1):
         image_id, objects = image["id"], present[image["id"]]
         scores = {name: sum(co.get(p, {}).get(name, 0) for p in objects) for name in categories()
                   if name not in objects}
@@ -455,14 +474,16 @@ def write_amber_split(world_dir: str | Path, out_dir: str | Path, split: str = "
             size = "small" if boxes[0][2] < size_middle else "large"
             other_size = "large" if size == "small" else "small"
             count = len(boxes)
-            for truth, query, kind in (
+            asked = [
                 ("yes", f"Is the {name} {colour} in this image?", "state"),
                 ("no", f"Is the {name} {wrong} in this image?", "state"),
                 ("yes", f"Is the {name} {size} in this image?", "state"),
                 ("no", f"Is the {name} {other_size} in this image?", "state"),
-                ("yes", f"{_how_many(name, count)} in this image?", "number"),
-                ("no", f"{_how_many(name, count + 1)} in this image?", "number"),
-            ):
+            ]
+            if wording == "amber":
+                asked += [("yes", f"{_how_many(name, count)} in this image?", "number"),
+                          ("no", f"{_how_many(name, count + 1)} in this image?", "number")]
+            for truth, query, kind in asked:
                 attribute.append((image, truth, f"discriminative-attribute-{kind}", query))
             masks[name] = np.zeros((image["height"], image["width"]), dtype=bool)
             for box in boxes:
@@ -473,8 +494,9 @@ def write_amber_split(world_dir: str | Path, out_dir: str | Path, split: str = "
         for i, a in enumerate(objects):
             for b in objects[i + 1:]:
                 truth = "yes" if in_contact(masks[a], masks[b]) else "no"
-                relation.append((image, truth, "discriminative-relation",
-                                 f"Is there direct contact between the {a} and {b}?"))
+                query = (f"Is there direct contact between the {a} and {b}?" if wording == "amber"
+                         else TOY_RELATION_QUESTION.format(a=a, b=b))
+                relation.append((image, truth, "discriminative-relation", query))
 
     queries: dict[str, list[dict]] = {"attribute": [], "existence": [], "relation": []}
     next_id = len(annotations) + 1
