@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU check: on a machine with a GPU, the tiny DAG (the tiny config of tests/test_pipeline.py, base + 1 round) with
 # every model stage on CUDA; it fails unless the runs complete and the log of every model stage says "on device
-# cuda". Two experiments, so every model stage runs: toy_apasi (generate, pope_answers, inject, reference_logps,
-# dpo, merge), then toy_sentinel_symmpo on the same toy world and model_0 (sentinel, contrast_embeddings). A few minutes
-# on a GPU; nothing is downloaded. Without a GPU it says so and runs the same DAG on the CPU, checking "cpu".
+# cuda". Two experiments, so every model stage runs: toy_apasi (generate, pope_answers, amber_answers, inject,
+# reference_logps, dpo, merge), then toy_sentinel_symmpo on the same toy world and model_0 (sentinel,
+# contrast_embeddings). A few minutes on a GPU; nothing is downloaded. Without a GPU it says so and runs the same DAG on the CPU, checking "cpu".
 #
 #   bench/gpu_check.sh [workdir]      # default: a new temporary folder; PYTHON=... to use another interpreter
 #
@@ -20,7 +20,7 @@ data.world.min_glyph=8,data.world.max_glyph=12,data.world.max_objects=4,model.ar
 model.arch.vision_layers=1,model.arch.vision_heads=2,model.arch.text_hidden=48,model.arch.text_layers=2,\
 model.arch.text_heads=2,model.pretrain.epochs=8,model.pretrain.batch_size=16,model.pretrain.lr=3e-3,rounds=1,\
 train.batch_size=4,train.max_length=200,eval.chair.n_images=20,eval.chair.max_new_tokens=24,eval.pope.n_images=8,\
-eval.batch_size=16"
+eval.amber.n_images=8,eval.amber.generative.max_new_tokens=24,eval.batch_size=16"
 SENTINEL="method.sampling.max_new_tokens=24,method.sampling.n=8,method.sampling.max_steps=6,\
 verifier.train.hyper.cnn.epochs=20,verifier.train.hyper.mlp.epochs=20"
 
@@ -64,9 +64,9 @@ check_logs() {  # experiment, rules whose stage loads a model
 
 SECONDS=0
 run_experiment toy_apasi ",method.generation.max_new_tokens=24"
-check_logs toy_apasi generate pope_answers inject reference_logps dpo merge
+check_logs toy_apasi generate pope_answers amber_answers inject reference_logps dpo merge
 grep -q "training on device $DEVICE" "$WORK/results/toy_apasi/logs/dpo_r0.log" \
   || fail "the Trainer did not run on $DEVICE"
 run_experiment toy_sentinel_symmpo ",$SENTINEL"
-check_logs toy_sentinel_symmpo generate pope_answers sentinel contrast_embeddings reference_logps dpo merge
+check_logs toy_sentinel_symmpo generate pope_answers amber_answers sentinel contrast_embeddings reference_logps dpo merge
 echo "gpu_check: OK: every model stage ran on $DEVICE ($SECONDS s)"

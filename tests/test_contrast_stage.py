@@ -224,7 +224,8 @@ def test_toy_mdpo_end_to_end(workdir_with_tiny_base):
     # nothing left to do; a changed contrast setting reruns the contrast stage and what follows it, only
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(tmp_path, "-n", overrides=overrides))
     jobs = job_counts(snakemake(tmp_path, "-n", overrides=[*overrides, "contrast.max_area=0.15"]).stdout)
-    assert jobs == {"contrast": 1, "reference_logps": 1, "dpo": 1, "merge": 1, "generate": 1, "evaluate": 1,
+    assert jobs == {"contrast": 1, "reference_logps": 1, "gather_reference_logps": 1, "dpo": 1, "merge": 1,
+                    "generate": 1, "gather_generate": 1, "pope_answers": 1, "amber_answers": 1, "evaluate": 1,
                     "summarize": 1, "all": 1}, jobs
 
 

@@ -18,6 +18,7 @@ TINY = [
     "model.arch.text_hidden=48", "model.arch.text_layers=2", "model.arch.text_heads=2",
     "model.pretrain.epochs=8", "model.pretrain.batch_size=16", "model.pretrain.lr=3e-3",
     "rounds=1", "train.batch_size=4", "train.max_length=200", "method.generation.max_new_tokens=24",
+    "eval.amber.n_images=8", "eval.amber.generative.max_new_tokens=24",
     "eval.chair.n_images=20", "eval.chair.max_new_tokens=24", "eval.pope.n_images=8", "eval.batch_size=16",
 ]
 
@@ -38,8 +39,8 @@ def pipeline_dir(tiny_pipeline):
 @pytest.mark.slow
 def test_dry_run_lists_every_rule(pipeline_dir):
     _, dry = pipeline_dir
-    for rule in ("render", "pretrain_base", "pope_questions", "generate", "evaluate", "inject", "reference_logps",
-                 "dpo", "merge", "summarize", "all"):
+    for rule in ("render", "pretrain_base", "pope_questions", "amber_questions", "generate", "pope_answers",
+                 "amber_answers", "evaluate", "inject", "reference_logps", "dpo", "merge", "summarize", "all"):
         assert f"rule {rule}:" in dry or f"\n{rule} " in dry, rule
 
 
@@ -77,6 +78,56 @@ def test_summary_and_protocol(pipeline_dir):
 
 
 @pytest.mark.slow
+def test_amber_in_summary_and_its_protocol(pipeline_dir):
+    workdir, _ = pipeline_dir
+    exp = workdir / "results" / "toy_apasi"
+    summary = json.loads((exp / "summary.json").read_text())
+    row = summary["rounds"][0]
+    assert set(row["amber"]) == {"chair", "cover", "hal", "cog", "accuracy", "f1", "amber_score"}
+    assert all(0.0 <= v <= 1.0 for v in row["amber"].values()), row["amber"]
+    assert row["n_images"]["amber"] == 8
+    amber = json.loads((exp / "round_0" / "eval" / "amber.json").read_text())
+    assert amber["benchmark"] == "amber" and amber["round"] == 0
+    assert amber["metrics"]["generative"]["chair"] == row["amber"]["chair"]
+    assert amber["metrics"]["amber_score"] == row["amber"]["amber_score"]
+    protocol = amber["protocol"]
+    assert protocol["prompt"] == ["Describe this image."]
+    assert protocol["max_new_tokens"] == {"generative": 24, "discriminative": 4}
+    assert protocol["decoding"]["discriminative"]["do_sample"] is False
+    assert protocol["noun_pipeline"] in ("offline-lemminflect", "nltk-wordnet")
+    assert protocol["matcher"]["name"] in ("offline-exact", "spacy", "table")
+    assert protocol["answer_rule"].startswith("first-word") and protocol["versions"]["torch"]
+    assert set(protocol["files"]) == {"annotations", "relation", "safe_words"}
+    assert set(protocol["query_files_sha256"]) == {"query_generative", "query_discriminative"}
+    assert protocol["answered"]["generative"] == "8 of 8" and "wording 'toy'" in protocol["questions"]
+    assert protocol["model"].endswith("toy_llava_toy")
+    md = (exp / "summary.md").read_text()
+    assert "AMBER CHAIR" in md.splitlines()[0] and "AMBER score" in md.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_lmms_eval_layout(pipeline_dir):
+    workdir, _ = pipeline_dir
+    folder = workdir / "results" / "toy_apasi" / "round_1" / "eval" / "lmms_eval"
+    results = json.loads((folder / "results.json").read_text())
+    tasks = ["pope_random", "pope_pop", "pope_adv", "amber_g", "amber_d"]
+    assert list(results["results"]) == tasks
+    pope = json.loads((folder.parent / "pope.json").read_text())
+    assert results["results"]["pope_adv"]["pope_f1_score,none"] == pytest.approx(pope["metrics"]["adversarial"]["f1"])
+    assert results["results"]["pope_random"]["samples"] == 48
+    amber = json.loads((folder.parent / "amber.json").read_text())
+    assert results["results"]["amber_g"]["amber_chair,none"] == pytest.approx(
+        amber["metrics"]["generative"]["chair"] * 100)
+    assert results["results"]["amber_d"]["amber_f1,none"] == pytest.approx(
+        amber["metrics"]["discriminative"]["overall"]["f1"] * 100)
+    assert results["config"]["halludpo"]["round"] == 1 and results["n-shot"]["amber_g"] == 0
+    for task in tasks:
+        lines = (folder / f"samples_{task}.jsonl").read_text().splitlines()
+        assert len(lines) == results["n-samples"][task]["effective"] > 0, task
+        assert {"doc_id", "target", "filtered_resps", "doc_hash", "prompt_hash", "input"} <= json.loads(lines[0]).keys()
+
+
+@pytest.mark.slow
 def test_mlflow_store_holds_parent_and_round_child(pipeline_dir):
     from mlflow import MlflowClient
 
@@ -92,6 +143,7 @@ def test_mlflow_store_holds_parent_and_round_child(pipeline_dir):
     metrics = round_0.data.metrics
     assert metrics["chair_i"] == pytest.approx(summary["rounds"][0]["chair"]["chair_i"])
     assert metrics["pope_adversarial_f1"] == pytest.approx(summary["rounds"][0]["pope"]["adversarial"]["f1"])
+    assert metrics["amber_cover"] == pytest.approx(summary["rounds"][0]["amber"]["cover"])
     assert round_0.data.params["eval.chair.max_new_tokens"] == "24"
     steps = summary["rounds"][0]["train"]["steps"]
     for name in ("loss", "rewards/accuracies", "rewards/margins"):  # training curves in the same child run
@@ -127,7 +179,8 @@ def test_changed_decoding_setting_reruns_only_downstream(pipeline_dir):
 def test_changed_dpo_hyperparameter_reruns_only_training_and_after(pipeline_dir):
     workdir, _ = pipeline_dir
     jobs = job_counts(snakemake(workdir, "-n", overrides=[*TINY, "train.beta=0.2"]).stdout)
-    assert jobs == {"dpo": 1, "merge": 1, "generate": 1, "evaluate": 1, "summarize": 1, "all": 1}, jobs
+    assert jobs == {"dpo": 1, "merge": 1, "generate": 1, "gather_generate": 1, "pope_answers": 1, "amber_answers": 1,
+                    "evaluate": 1, "summarize": 1, "all": 1}, jobs
 
 
 @pytest.mark.slow

@@ -38,6 +38,14 @@ def test_every_real_experiment_runs_on_coco_with_the_paper_protocol(name):
     assert cfg.eval.generation.do_sample is False and cfg.eval.generation.num_beams == 1
     assert list(cfg.eval.pope.splits) == ["random", "popular", "adversarial"]
     assert set(cfg.data.sources.pope) >= set(cfg.eval.pope.splits)
+    # AMBER: its released files as they are, its image archive trusted on first use (no published checksum)
+    assert list(cfg.eval.benchmarks) == ["chair", "pope", "amber"] and paths.released_amber(cfg)
+    assert cfg.download.entries.amber_images.verify == "tofu" and cfg.download.entries.amber_images.sha256 is None
+    root = cfg.download.root
+    assert paths.amber_files(cfg)["annotations"] == Path(f"{root}/amber/data/annotations.json")
+    assert paths.amber_files(cfg)["query_discriminative"] == Path(f"{root}/amber/data/query/query_discriminative.json")
+    assert paths.amber_images(cfg) == Path(f"{root}/amber")
+    assert cfg.eval.amber.generative.max_new_tokens == 512 and cfg.parallel.shards.amber == 4
     # the downloads prepare reads: COCO 2014 val + annotations, COCO 2017 train, detail-23k, OPERA's list, POPE
     markers = download.marker_paths(cfg.download, cfg.data.downloads)
     assert sorted(Path(m).stem for m in markers) == sorted([
@@ -144,19 +152,19 @@ def dry_run(workdir: Path, experiment: str) -> subprocess.CompletedProcess:
 
 
 # rounds R, shards S of each stage (parallel.shards.*): generate = ((R+1) eval + R gen) x S, gathered by
-# gather_generate; pope_answers = (R+1) x S; per round: the pairs' shard jobs + their gather, reference shards +
-# gather, dpo, merge
-APASI_7B = {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 40, "gather_generate": 5, "inject": 16,
+# gather_generate; pope_answers and amber_answers = (R+1) x S; per round: the pairs' shard jobs + their gather,
+# reference shards + gather, dpo, merge. download: prepare's 8 entries + AMBER's 7 (bundle amber)
+APASI_7B = {"download": 15, "fetch_model": 1, "prepare": 1, "generate": 40, "gather_generate": 5, "inject": 16,
             "inject_pairs": 2, "reference_logps": 16, "gather_reference_logps": 2, "dpo": 2, "merge": 2,
-            "pope_answers": 12, "evaluate": 3, "summarize": 1, "all": 1}
+            "pope_answers": 12, "amber_answers": 12, "evaluate": 3, "summarize": 1, "all": 1}
 EXPECTED_JOBS = {
     "apasi_llava15_7b": APASI_7B,
     "apasi_qwen2vl_7b": APASI_7B,
     "symmpo_llava15_7b": APASI_7B | {"contrast_embeddings": 2, "contrast": 2},
-    "sentinel_llava15_7b": {"download": 8, "fetch_model": 1, "prepare": 1, "generate": 16, "gather_generate": 2,
+    "sentinel_llava15_7b": {"download": 15, "fetch_model": 1, "prepare": 1, "generate": 16, "gather_generate": 2,
                             "sentinel": 16, "sentinel_pairs": 1,  # detectors: no training
                             "reference_logps": 8, "gather_reference_logps": 1, "dpo": 1, "merge": 1,
-                            "pope_answers": 8, "evaluate": 2, "summarize": 1, "all": 1},
+                            "pope_answers": 8, "amber_answers": 8, "evaluate": 2, "summarize": 1, "all": 1},
 }
 
 
@@ -166,9 +174,11 @@ def test_dry_run_plans_the_whole_dag_from_nothing(tmp_path, experiment):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert job_counts(out) == EXPECTED_JOBS[experiment] | {"total": sum(EXPECTED_JOBS[experiment].values())}
-    # no toy rule: no rendering, no pretraining, no sampled POPE questions; model_0 = fetch_model's folder
-    for rule in ("render", "pretrain_base", "pope_questions"):
+    # no toy rule: no rendering, no pretraining, no sampled POPE or AMBER questions; model_0 = fetch_model's folder
+    for rule in ("render", "pretrain_base", "pope_questions", "amber_questions"):
         assert f"rule {rule}:" not in out
     assert "results/data/coco/pope/random.jsonl" in out and "results/downloads/done/llava_detail_23k.json" in out
+    # AMBER on its released files: the amber_answers shards wait for the bundle's markers, images included
+    assert "results/downloads/done/amber_images.json" in out and "results/downloads/done/amber_relation.json" in out
     assert str(paths.model_marker(compose([f"experiment={experiment}"]), 0)) in out
     assert "llava-hf/" not in out and "Qwen/" not in out  # a hub id is never read as a path

@@ -1,6 +1,7 @@
 """Snakemake's HTML report of the tiny DAG (conftest's tiny_pipeline, run once per session): one self-contained file
 holding the rounds plot, the summary tables (CHAIR by sentence position included), the training curves, every
-round's eval files and the resolved config, each with its caption, and the workflow page."""
+round's eval files (CHAIR, POPE, AMBER, lmms-eval's results.json) and the resolved config, each with its caption,
+and the workflow page."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ EXP = "results/toy_apasi"
 SUMMARY = {f"{EXP}/{name}" for name in ("rounds.png", "summary.md", "summary.json")}
 TRAINING = {f"{EXP}/round_0/train/training_curves.png"}  # TINY: rounds=1, so one trained round
 EVALUATION = {f"{EXP}/round_{k}/eval/{name}" for k in (0, 1)
-              for name in ("chair.json", "pope.json", "pope_samples.jsonl")}
+              for name in ("chair.json", "pope.json", "pope_samples.jsonl", "amber.json", "lmms_eval/results.json")}
 CONFIG = {f"{EXP}/resolved_config.yaml"}
 
 

@@ -30,13 +30,13 @@ PROFILE = ROOT / "workflow" / "profiles" / "slurm"
 BIN = Path(sys.executable).parent
 # Rules that run a model get a GPU; the others none. Every rule in workflow/rules/ is in exactly one of the sets.
 GPU_RULES = {"pretrain_base", "generate", "inject", "sentinel", "contrast_embeddings", "reference_logps", "dpo",
-             "pope_answers"}
-CPU_RULES = {"render", "prepare", "pope_questions", "contrast", "mix_pairs", "train_verifiers", "merge", "summarize",
-             "compare", "download", "fetch_model", "verify", "evaluate", "gather_generate", "inject_pairs",
-             "sentinel_pairs", "gather_reference_logps"}
+             "pope_answers", "amber_answers"}
+CPU_RULES = {"render", "prepare", "pope_questions", "amber_questions", "contrast", "mix_pairs", "train_verifiers",
+             "merge", "summarize", "compare", "download", "fetch_model", "verify", "evaluate", "gather_generate",
+             "inject_pairs", "sentinel_pairs", "gather_reference_logps"}
 # Sharded model rules (parallel.shards): one SLURM job per shard; the gather rules run on the submitting host.
 SHARDS_3 = ["parallel.shards.generate=3", "parallel.shards.inject=3", "parallel.shards.reference_logps=3",
-            "parallel.shards.evaluate=3"]
+            "parallel.shards.evaluate=3", "parallel.shards.amber=3"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -93,7 +93,8 @@ def test_profile_dry_run_gives_gpus_to_model_rules_only(tmp_path, experiment):
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = planned_jobs(plan.stdout)
     expected = {"toy_apasi": {"render", "pretrain_base", "generate", "inject", "reference_logps", "dpo", "merge",
-                              "evaluate", "pope_questions", "summarize"},
+                              "evaluate", "pope_questions", "pope_answers", "amber_questions", "amber_answers",
+                              "summarize"},
                 "toy_apasi_sentinel": {"inject", "sentinel", "mix_pairs", "train_verifiers"},
                 "toy_symmpo": {"contrast_embeddings", "contrast"}}[experiment]
     assert expected <= jobs.keys(), jobs.keys()
@@ -384,9 +385,9 @@ def test_toy_pipeline_through_real_slurm(slurm_cluster, tiny_pipeline, tmp_path)
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         jobs.setdefault(re.sub(r"_wildcards_.*", "", fields.get("Comment", "")).removeprefix("rule_"),
                         []).append(fields)
-    expected = {"render": 1, "pope_questions": 1, "pretrain_base": 1, "generate": 9, "pope_answers": 6,
-                "evaluate": 2, "inject": 3, "inject_pairs": 1, "reference_logps": 3, "dpo": 1, "merge": 1,
-                "summarize": 1}
+    expected = {"render": 1, "pope_questions": 1, "amber_questions": 1, "pretrain_base": 1, "generate": 9,
+                "pope_answers": 6, "amber_answers": 6, "evaluate": 2, "inject": 3, "inject_pairs": 1,
+                "reference_logps": 3, "dpo": 1, "merge": 1, "summarize": 1}
     assert {rule: len(v) for rule, v in jobs.items()} == expected, jobs.keys()
     for rule, fields in jobs.items():
         for job in fields:

@@ -420,6 +420,7 @@ def run_summarize(tmp_path: Path, uri: str, *overrides: str) -> tuple[subprocess
     env |= {"MLFLOW_TRACKING_URI": uri, "HALLUDPO_CONSOLE_FD": str(write_end),
             "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "halludpo.report", "experiment_name=test_exp", "rounds=1",
+           "eval.benchmarks=[chair,pope]",  # write_fake_evaluation's files
            f"paths.results={results}", f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
     start = time.monotonic()
     try:

@@ -1,5 +1,6 @@
-"""One comparison table across experiments (rule compare): CHAIR_s, CHAIR_i, recall, POPE F1 per split and the wall
-time of each round, from each experiment's summary.json and its per-rule Snakemake benchmarks.
+"""One comparison table across experiments (rule compare): CHAIR_s, CHAIR_i, recall, POPE F1 per split, AMBER's
+CHAIR, discriminative F1 and score (when the experiment ran AMBER) and the wall time of each round, from each
+experiment's summary.json and its per-rule Snakemake benchmarks.
 
     python -m halludpo.compare results/toy_apasi/summary.json results/toy_mdpo/summary.json \
         --md results/comparison.md --csv results/comparison.csv
@@ -32,6 +33,9 @@ def round_wall_seconds(experiment_dir: str | Path, k: int) -> float | None:
     return total if files else None
 
 
+AMBER_KEYS = ("chair", "f1", "amber_score")  # AMBER's columns of the table: CHAIR, discriminative F1, AMBER score
+
+
 def comparison_rows(summary_paths: list[str | Path]) -> list[dict]:
     """One row per (experiment, round): the headline metrics, POPE F1 per split, wall seconds."""
     rows = []
@@ -40,9 +44,12 @@ def comparison_rows(summary_paths: list[str | Path]) -> list[dict]:
         if "rounds" not in summary or "experiment" not in summary:
             raise InputError(f"{path}: not a summary.json (no experiment/rounds)")
         for r in summary["rounds"]:
-            row = {"experiment": summary["experiment"], "round": r["round"], "chair_s": r["chair"]["chair_s"],
-                   "chair_i": r["chair"]["chair_i"], "recall": r["chair"]["recall"]}
-            row |= {f"pope_{split}_f1": m["f1"] for split, m in r["pope"].items()}
+            row = {"experiment": summary["experiment"], "round": r["round"]}
+            if "chair" in r:
+                row |= {key: r["chair"][key] for key in ("chair_s", "chair_i", "recall")}
+            row |= {f"pope_{split}_f1": m["f1"] for split, m in r.get("pope", {}).items()}
+            if "amber" in r:
+                row |= {f"amber_{key}": r["amber"][key] for key in AMBER_KEYS}
             row["wall_seconds"] = round_wall_seconds(Path(path).parent, r["round"])
             rows.append(row)
     return rows
@@ -59,7 +66,8 @@ def to_csv(rows: list[dict]) -> str:
 
 def to_markdown(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    names = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "wall_seconds": "wall s"}
+    names = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "wall_seconds": "wall s", "amber_chair": "AMBER CHAIR",
+             "amber_f1": "AMBER F1", "amber_amber_score": "AMBER score"}
     head = [names.get(c, c.replace("pope_", "POPE ").replace("_f1", " F1")) for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

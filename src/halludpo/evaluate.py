@@ -1,8 +1,12 @@
-"""Stage `evaluate`: CHAIR on model_k's descriptions and POPE by asking model_k yes/no questions.
+"""Stage `evaluate`: CHAIR on model_k's descriptions, POPE by asking model_k yes/no questions, and AMBER (its
+descriptions and yes/no questions); eval.benchmarks picks which.
 
     python -m halludpo.evaluate step=questions      # rule pope_questions: POPE files from the eval annotations
+    python -m halludpo.evaluate step=amber_questions   # rule amber_questions (toy world): AMBER's files
     python -m halludpo.evaluate round=0 step=answers shard=0 shards=4   # rule pope_answers: model_k answers
-    python -m halludpo.evaluate round=0 shards=4    # rule evaluate: chair.json + pope.json (+ per-sample JSONL)
+    python -m halludpo.evaluate round=0 step=amber_answers shard=0 shards=4   # rule amber_answers
+    python -m halludpo.evaluate round=0 shards=4 amber_shards=4   # rule evaluate: chair.json, pope.json, amber.json
+                                                    # (+ per-sample JSONL) and lmms_eval/ (lmms-eval's layout)
 
 Every result file carries its full protocol (prompt, decoding, max_new_tokens, image ids and their hash, question
 file hashes, text pipeline, package versions): numbers that cannot be reproduced are the field's common complaint.
@@ -11,6 +15,7 @@ file hashes, text pipeline, package versions): numbers that cannot be reproduced
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -27,16 +32,29 @@ from halludpo.io import (
     write_json,
     write_jsonl,
 )
+from halludpo.lmms_results import amber_tasks, pope_tasks, write_lmms_eval
+from halludpo.metrics.amber import amber_headline, load_amber, load_queries, score_amber
 from halludpo.metrics.chair import COCO_COMPOUNDS, ChairScorer, ground_truth_from_coco, load_synonyms
 from halludpo.metrics.pope import PARSE_DESCRIPTIONS, build_questions, parse_answer, pope_metrics
 from halludpo.metrics.text import get_text_pipeline
 from halludpo.models import load_model_and_processor
-from halludpo.shards import input_fingerprint, read_shards, run_batches, shard_file, shard_files, shard_range
+from halludpo.shards import (
+    batch_seed,
+    input_fingerprint,
+    read_shards,
+    run_batches,
+    shard_file,
+    shard_files,
+    shard_range,
+)
 
 log = logging.getLogger(__name__)
 
 GENERATION_FIELDS = ("image_id", "image_path", "prompt", "response", "model", "round", "sampling")
 QUESTION_FIELDS = ("question_id", "image_id", "file_name", "object", "label", "text")
+BENCHMARKS = ("chair", "pope", "amber")  # eval.benchmarks
+AMBER_TASKS = ("generative", "discriminative")
+AMBER_ROW_FIELDS = ("id", "image", "query", "response")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,6 +193,139 @@ def evaluate_pope(answer_rows: list[dict], question_files: dict[str, Path], max_
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# AMBER
+
+
+def write_amber_questions(cfg: DictConfig) -> dict:
+    """Rule amber_questions (toy world): AMBER's files (toyworld.write_amber_split) for eval.amber.n_images images
+    of the eval split, drawn with eval.seed, in eval.amber.wording, into paths.amber_dir."""
+    from halludpo.io import read_json
+    from halludpo.toyworld import write_amber_split
+
+    a = cfg.eval.amber
+    ids = sorted(image["id"] for image in read_json(cfg.data.eval_instances)["images"])
+    if a.n_images > len(ids):
+        raise InputError(f"eval.amber.n_images={a.n_images}, but the eval split has {len(ids)} images")
+    chosen = sorted(random.Random(cfg.eval.seed).sample(ids, a.n_images))
+    world_dir = Path(cfg.data.eval_instances).parent.parent
+    return write_amber_split(world_dir, paths.amber_dir(cfg), split=Path(cfg.data.eval_instances).parent.name,
+                             n_hallu=a.n_hallu, seed=cfg.eval.seed, wording=a.wording, image_ids=chosen)
+
+
+def amber_queries(cfg: DictConfig) -> dict[str, list[dict]]:
+    """AMBER's queries per task ({id, image, query}), sorted by id: the lists the amber_answers shards split."""
+    files = paths.amber_files(cfg)
+    return {task: sorted(load_queries(files[f"query_{task}"]), key=lambda q: q["id"]) for task in AMBER_TASKS}
+
+
+def amber_decoding(cfg: DictConfig) -> dict[str, dict]:
+    """generate() kwargs per task: descriptions with eval.generation (as CHAIR's), answers greedy."""
+    a = cfg.eval.amber
+    return {"generative": decoding_kwargs(to_plain(cfg.eval.generation), a.generative.max_new_tokens),
+            "discriminative": decoding_kwargs({}, a.discriminative.max_new_tokens)}
+
+
+def answer_amber(model, processor, queries: list[dict], images_dir: str | Path, gen_kwargs: dict, batch_size: int,
+                 seed: int, positions: range, resume: tuple[Path, str]) -> list[dict]:
+    """model_k's responses {id, image, query, response} to the queries at `positions`, in whole batches (a batch
+    samples with batch_seed(seed, its first position)), resumable into the shard file (halludpo.shards)."""
+    def work(start: int, stop: int) -> list[dict]:
+        chunk = queries[start:stop]
+        responses = generate_texts(model, processor, [str(Path(images_dir) / q["image"]) for q in chunk],
+                                   [q["query"] for q in chunk], gen_kwargs, batch_size, batch_seed(seed, start),
+                                   progress=False)
+        return [{"id": q["id"], "image": q["image"], "query": q["query"], "response": r}
+                for q, r in zip(chunk, responses)]
+
+    return run_batches(resume[0], positions, batch_size, work, resume[1], desc="amber")
+
+
+def amber_answer_shard(cfg: DictConfig, k: int) -> None:
+    """Rule amber_answers, shard `cfg.shard` of `cfg.shards`: model_k describes its run of whole batches of AMBER's
+    generative images and answers its run of the discriminative questions (each list split on its own, so every
+    shard gets both kinds of work) -> eval/shards/amber_<task>.<i>-of-<n>.jsonl, resumable."""
+    queries = amber_queries(cfg)
+    files = paths.amber_files(cfg)
+    model_path = paths.model_dir(cfg, k)
+    fingerprint = input_fingerprint(to_plain(cfg), [model_path, *files.values()])
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
+    decoding = amber_decoding(cfg)
+    for task in AMBER_TASKS:
+        positions = shard_range(len(queries[task]), cfg.eval.batch_size, cfg.shard, cfg.shards)
+        target = shard_file(paths.amber_answers(cfg, k, task), cfg.shard, cfg.shards)
+        rows = answer_amber(model, processor, queries[task], paths.amber_images(cfg), decoding[task],
+                            cfg.eval.batch_size, cfg.eval.seed, positions, resume=(target, fingerprint))
+        log.info("round %d: shard %d of %d, %d AMBER %s responses -> %s", k, cfg.shard, cfg.shards, len(rows), task,
+                 target)
+
+
+def evaluate_amber(cfg: DictConfig, rows: dict[str, list[dict]], model: str) -> dict:
+    """amber.json's content: AMBER's metrics (halludpo.metrics.amber.score_amber) of the responses of every task,
+    with the protocol (prompts, decoding, answer rule, noun pipeline, matcher, file hashes, versions)."""
+    a = cfg.eval.amber
+    files = paths.amber_files(cfg)
+    queries = amber_queries(cfg)
+    for task in AMBER_TASKS:
+        asked, answered = [q["id"] for q in queries[task]], [r["id"] for r in rows[task]]
+        if sorted(answered) != asked:
+            missing = sorted(set(asked) - set(answered))
+            raise InputError(f"the AMBER {task} responses hold {len(answered)} ids, the query file "
+                             f"{len(asked)} (first missing: {missing[:1]}): rerun rule amber_answers")
+    data = load_amber(annotations=files["annotations"], relation=files["relation"], safe_words=files["safe_words"])
+    records = [{"id": r["id"], "response": r["response"]} for task in AMBER_TASKS for r in rows[task]]
+    result = score_amber(records, data, nouns=a.noun_pipeline, matcher=a.matcher, similarity_table=a.similarity_table,
+                         threshold=a.threshold, answer_rule=a.discriminative.answer_rule)
+    decoding = amber_decoding(cfg)
+    result["protocol"] |= {
+        "prompt": sorted({q["query"] for q in queries["generative"]}),
+        "decoding": decoding,
+        "max_new_tokens": {task: decoding[task]["max_new_tokens"] for task in AMBER_TASKS},
+        "n_responses": {task: len(rows[task]) for task in AMBER_TASKS},
+        "query_files": {f"query_{t}": str(files[f"query_{t}"]) for t in AMBER_TASKS},
+        "query_files_sha256": {f"query_{t}": sha256_file(files[f"query_{t}"]) for t in AMBER_TASKS},
+        "images": str(paths.amber_images(cfg)),
+        "image_files_sha256": sha256_json(sorted({q["image"] for qs in queries.values() for q in qs})),
+        "questions": ("AMBER's released files" if paths.released_amber(cfg) else
+                      f"toy world, rule amber_questions: {a.n_images} eval images (eval.seed {cfg.eval.seed}), "
+                      f"wording {a.wording!r}"),
+        "model": model,
+        "config": to_plain(a),
+        "versions": package_versions(),
+    }
+    return result
+
+
+def read_amber_rows(cfg: DictConfig, k: int, n_shards: int) -> dict[str, list[dict]]:
+    """The amber_answers shards' rows per task, in shard order (= id order)."""
+    return {task: read_shards(shard_files(paths.amber_answers(cfg, k, task), n_shards), required=AMBER_ROW_FIELDS)
+            for task in AMBER_TASKS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lmms-eval's results layout
+
+
+def write_lmms_layout(cfg: DictConfig, k: int, pope_samples: list[dict] | None, amber: dict | None,
+                      amber_rows: dict[str, list[dict]] | None) -> dict:
+    """round_k/eval/lmms_eval/: results.json and samples_<task>.jsonl of the benchmarks lmms-eval has a layout
+    for (POPE's three splits, AMBER's two tasks; halludpo.lmms_results)."""
+    tasks = []
+    if pope_samples is not None:
+        tasks += pope_tasks(pope_samples, decoding_kwargs({}, cfg.eval.pope.max_new_tokens),
+                            PARSE_DESCRIPTIONS[cfg.eval.pope.parse])
+    if amber is not None and amber_rows is not None:
+        tasks += amber_tasks(amber, amber_rows["generative"], amber_rows["discriminative"], amber_decoding(cfg))
+    model = str(paths.model_dir(cfg, k))
+    config = {"model": cfg.model.family, "model_args": f"pretrained={model}", "batch_size": cfg.eval.batch_size,
+              "batch_sizes": [], "device": cfg.model.device, "use_cache": None, "limit": None,
+              "bootstrap_iters": 0, "gen_kwargs": None, "random_seed": cfg.eval.seed, "numpy_seed": None,
+              "torch_seed": cfg.eval.seed, "fewshot_seed": None,
+              "halludpo": {"experiment": cfg.experiment_name, "round": k, "benchmarks": list(cfg.eval.benchmarks),
+                           "source": "written by halludpo.evaluate from its own answers (halludpo.lmms_results)"}}
+    return write_lmms_eval(paths.lmms_eval_dir(cfg, k), tasks, config, model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Stage
 
 
@@ -204,28 +355,53 @@ def run(cfg: DictConfig) -> None:
                                       p.per_image, cfg.eval.seed)
         log.info("POPE questions: %s", counts)
         return
-    if cfg.step not in ("main", "answers"):
-        raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, answers, main")
+    if cfg.step == "amber_questions":
+        log.info("AMBER files -> %s: %s", paths.amber_dir(cfg), write_amber_questions(cfg))
+        return
+    if cfg.step not in ("main", "answers", "amber_answers"):
+        raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, amber_questions, answers, amber_answers, "
+                         "main")
     k = cfg.round
     answers_file = paths.pope_json(cfg, k).with_name("pope_answers.jsonl")
     if cfg.step == "answers":
         answer_shard(cfg, k, answers_file)
         return
-    scorer = object_scorer(cfg)
-    chair = evaluate_chair(paths.eval_generations(cfg, k), cfg.data.eval_instances, cfg.data.eval_captions, scorer)
-    chair["round"] = k
-    answer_rows = read_shards(shard_files(answers_file, cfg.shards), required=("image_id", "text", "answer"))
-    pope, samples = evaluate_pope(answer_rows, pope_question_files(cfg), cfg.eval.pope.max_new_tokens,
-                                  parse=cfg.eval.pope.parse)
-    pope["round"] = k
-    pope["protocol"]["model"] = str(paths.model_dir(cfg, k))
-    pope["protocol"]["config"] = to_plain(cfg.eval.pope)
-    write_jsonl(paths.pope_json(cfg, k).with_name("pope_samples.jsonl"), samples)
-    write_json(paths.pope_json(cfg, k), pope)
-    write_json(paths.chair_json(cfg, k), chair)
-    m = chair["metrics"]
-    log.info("round %d CHAIR_s %.3f CHAIR_i %.3f recall %.3f len %.1f | POPE F1 %s", k, m["chair_s"], m["chair_i"],
-             m["recall"], m["len"], {s: round(v["f1"], 3) for s, v in pope["metrics"].items()})
+    if cfg.step == "amber_answers":
+        amber_answer_shard(cfg, k)
+        return
+    benchmarks = list(cfg.eval.benchmarks)
+    model = str(paths.model_dir(cfg, k))
+    said = []
+    if "chair" in benchmarks:
+        scorer = object_scorer(cfg)
+        chair = evaluate_chair(paths.eval_generations(cfg, k), cfg.data.eval_instances, cfg.data.eval_captions,
+                               scorer)
+        chair["round"] = k
+        write_json(paths.chair_json(cfg, k), chair)
+        m = chair["metrics"]
+        said.append(f"CHAIR_s {m['chair_s']:.3f} CHAIR_i {m['chair_i']:.3f} recall {m['recall']:.3f} "
+                    f"len {m['len']:.1f}")
+    samples = None
+    if "pope" in benchmarks:
+        answer_rows = read_shards(shard_files(answers_file, cfg.shards), required=("image_id", "text", "answer"))
+        pope, samples = evaluate_pope(answer_rows, pope_question_files(cfg), cfg.eval.pope.max_new_tokens,
+                                      parse=cfg.eval.pope.parse)
+        pope["round"] = k
+        pope["protocol"]["model"] = model
+        pope["protocol"]["config"] = to_plain(cfg.eval.pope)
+        write_jsonl(paths.pope_json(cfg, k).with_name("pope_samples.jsonl"), samples)
+        write_json(paths.pope_json(cfg, k), pope)
+        said.append(f"POPE F1 {({s: round(v['f1'], 3) for s, v in pope['metrics'].items()})}")
+    amber = amber_rows = None
+    if "amber" in benchmarks:
+        amber_rows = read_amber_rows(cfg, k, cfg.amber_shards)
+        amber = evaluate_amber(cfg, amber_rows, model)
+        amber["round"] = k
+        write_json(paths.amber_json(cfg, k), amber)
+        said.append("AMBER " + ", ".join(f"{key} {value:.3f}" for key, value in amber_headline(amber).items()
+                                         if value is not None))
+    write_lmms_layout(cfg, k, samples, amber, amber_rows)
+    log.info("round %d %s", k, " | ".join(said))
 
 
 main = stage_main(run)

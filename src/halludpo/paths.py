@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on the Hugging Face hub
 FETCHED = "fetched.json"  # rule fetch_model's marker in a hub model's folder (halludpo.hub)
@@ -85,6 +85,49 @@ def pope_json(cfg: DictConfig, k: int) -> Path:
 
 def pope_questions(cfg: DictConfig, split: str) -> Path:
     return Path(cfg.paths.data_dir) / "pope" / f"{split}.jsonl"
+
+
+def amber_json(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "amber.json"
+
+
+def amber_answers(cfg: DictConfig, k: int, task: str) -> Path:
+    """model_k's AMBER responses of one task ('generative' | 'discriminative'), gathered by rule evaluate from the
+    amber_answers shards (eval/shards/amber_<task>.<i>-of-<n>.jsonl); only the shard files are written."""
+    return round_dir(cfg, k) / "eval" / f"amber_{task}.jsonl"
+
+
+def lmms_eval_dir(cfg: DictConfig, k: int) -> Path:
+    """lmms-eval's results layout of round k's evaluation: results.json and samples_<task>.jsonl."""
+    return round_dir(cfg, k) / "eval" / "lmms_eval"
+
+
+AMBER_FILES = ("annotations", "relation", "safe_words", "query_generative", "query_discriminative")
+AMBER_FILE_NAMES = {"annotations": "annotations.json", "relation": "relation.json", "safe_words": "safe_words.txt",
+                    "query_generative": "query_generative.json", "query_discriminative": "query_discriminative.json"}
+
+
+def released_amber(cfg: DictConfig) -> bool:
+    """AMBER's files come from the data config (data.sources.amber: the released files), not rule amber_questions."""
+    return OmegaConf.select(cfg, "data.sources.amber") is not None
+
+
+def amber_dir(cfg: DictConfig) -> Path:
+    """Where rule amber_questions writes the toy world's AMBER files (results/data/<data.name>/amber/)."""
+    return Path(cfg.paths.data_dir) / "amber"
+
+
+def amber_files(cfg: DictConfig) -> dict[str, Path]:
+    """AMBER's files the evaluation reads, by AMBER_FILES name: data.sources.amber's (released files) or the toy
+    world's in amber_dir. rule amber_questions writes the toy's, plus the per-dimension query files."""
+    if released_amber(cfg):
+        return {name: Path(cfg.data.sources.amber[name]) for name in AMBER_FILES}
+    return {name: amber_dir(cfg) / AMBER_FILE_NAMES[name] for name in AMBER_FILES}
+
+
+def amber_images(cfg: DictConfig) -> Path:
+    """The folder holding the images AMBER's query files name: data.sources.amber.images, or the toy eval images."""
+    return Path(cfg.data.sources.amber.images) if released_amber(cfg) else Path(cfg.data.eval_images)
 
 
 def chair_image_ids(cfg: DictConfig) -> Path:

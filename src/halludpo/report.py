@@ -3,7 +3,8 @@
     python -m halludpo.report
 
 summary.json: {"experiment", "rounds": [{"round", "model", "chair": {chair_s, chair_i, recall, len},
-"pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}, "train": train_stats.json without timings}]};
+"pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}, "amber": {chair, cover, hal, cog, accuracy, f1,
+amber_score}, "train": train_stats.json without timings}]}, a benchmark's block only when eval.benchmarks names it;
 fractions in 0-1. No timings (they are in the rule benchmarks): the same config gives the same bytes.
 
 training_curves.png (round_<k>/train/, one per trained round): loss, reward margin and reward accuracy against the
@@ -27,6 +28,7 @@ from omegaconf import DictConfig
 from halludpo import paths
 from halludpo.config import stage_main, to_plain
 from halludpo.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from halludpo.metrics.amber import amber_headline
 from halludpo.tracking import NOT_LOGGED, TrackingError, log_experiment, run_identity, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -35,17 +37,38 @@ CHAIR_KEYS = ("chair_s", "chair_i", "recall", "len")
 POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
-def summary_row(k: int, model: str, chair_path: str | Path, pope_path: str | Path) -> dict:
-    chair, pope = read_json(chair_path), read_json(pope_path)
-    return {
-        "round": k,
-        "model": model,
-        "chair": {key: chair["metrics"][key] for key in CHAIR_KEYS},
-        "pope": {split: {key: m[key] for key in POPE_KEYS} for split, m in pope["metrics"].items()},
-        "chair_by_sentence": chair["metrics"].get("by_sentence", []),
-        "text_pipeline": chair["protocol"]["text_pipeline"],
-        "n_images": {"chair": chair["protocol"]["n_images"], "pope": len(pope["protocol"]["image_ids"])},
-    }
+def summary_row(k: int, model: str, chair_path: str | Path | None, pope_path: str | Path | None,
+                amber_path: str | Path | None = None) -> dict:
+    """One model's row from its result files (None: that benchmark did not run)."""
+    row: dict = {"round": k, "model": model}
+    n_images = {}
+    if chair_path is not None:
+        chair = read_json(chair_path)
+        row["chair"] = {key: chair["metrics"][key] for key in CHAIR_KEYS}
+    if pope_path is not None:
+        pope = read_json(pope_path)
+        row["pope"] = {split: {key: m[key] for key in POPE_KEYS} for split, m in pope["metrics"].items()}
+    if amber_path is not None:
+        amber = read_json(amber_path)
+        row["amber"] = amber_headline(amber)
+    if chair_path is not None:
+        row["chair_by_sentence"] = chair["metrics"].get("by_sentence", [])
+        row["text_pipeline"] = chair["protocol"]["text_pipeline"]
+        n_images["chair"] = chair["protocol"]["n_images"]
+    if pope_path is not None:
+        n_images["pope"] = len(pope["protocol"]["image_ids"])
+    if amber_path is not None:
+        row["amber_protocol"] = {key: amber["protocol"][key] for key in ("noun_pipeline", "answer_rule")} | {
+            "matcher": amber["protocol"]["matcher"]["name"]}
+        n_images["amber"] = amber["metrics"]["generative"]["n_responses"] if amber["metrics"]["generative"] else 0
+    row["n_images"] = n_images
+    return row
+
+
+def result_paths(cfg: DictConfig, k: int) -> dict[str, Path | None]:
+    """model_k's result file per benchmark (None for a benchmark eval.benchmarks leaves out)."""
+    files = {"chair": paths.chair_json(cfg, k), "pope": paths.pope_json(cfg, k), "amber": paths.amber_json(cfg, k)}
+    return {name: (path if name in cfg.eval.benchmarks else None) for name, path in files.items()}
 
 
 def training_curve(train_log: Path) -> list[dict]:
@@ -56,19 +79,29 @@ def training_curve(train_log: Path) -> list[dict]:
 
 
 def plot_rounds(summary: dict, out: Path) -> None:
-    """CHAIR_s, CHAIR_i, recall and POPE F1 (per split) against the round."""
+    """CHAIR_s, CHAIR_i, recall, POPE F1 (per split) and AMBER's CHAIR, Cover, F1 and score against the round, one
+    panel per benchmark that ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in summary["rounds"]]
-    fig, (ax_chair, ax_pope) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall")):
-        ax_chair.plot(rounds, [r["chair"][key] for r in summary["rounds"]], marker="o", label=label)
-    for split in summary["rounds"][0]["pope"]:
-        ax_pope.plot(rounds, [r["pope"][split]["f1"] for r in summary["rounds"]], marker="o", label=f"{split} F1")
-    for ax, title in ((ax_chair, "CHAIR (lower is better) and recall"), (ax_pope, "POPE F1")):
+    rows = summary["rounds"]
+    rounds = [r["round"] for r in rows]
+    lines: dict[str, list[tuple[str, list[float]]]] = {}
+    if rows and "chair" in rows[0]:
+        lines["CHAIR (lower is better) and recall"] = [
+            (label, [r["chair"][key] for r in rows])
+            for key, label in (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"))]
+    if rows and "pope" in rows[0]:
+        lines["POPE F1"] = [(f"{split} F1", [r["pope"][split]["f1"] for r in rows]) for split in rows[0]["pope"]]
+    if rows and "amber" in rows[0]:
+        lines["AMBER"] = [(label, [r["amber"][key] for r in rows]) for key, label in AMBER_PLOTTED
+                          if all(r["amber"][key] is not None for r in rows)]
+    fig, axes = plt.subplots(1, max(len(lines), 1), figsize=(5 * max(len(lines), 1), 4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], lines.items()):
+        for label, values in series:
+            ax.plot(rounds, values, marker="o", label=label)
         ax.set_xlabel("round (model_k)")
         ax.set_xticks(rounds)
         ax.set_ylim(0, 1)
@@ -160,14 +193,32 @@ def build_summary(experiment: str, rows: list[dict]) -> dict:
     return {"experiment": experiment, "rounds": sorted(rows, key=lambda r: r["round"])}
 
 
+AMBER_COLUMNS = (("chair", "AMBER CHAIR"), ("cover", "AMBER Cover"), ("hal", "AMBER Hal"), ("cog", "AMBER Cog"),
+                 ("accuracy", "AMBER acc"), ("f1", "AMBER F1"), ("amber_score", "AMBER score"))
+AMBER_PLOTTED = (("chair", "AMBER CHAIR"), ("cover", "Cover"), ("f1", "discriminative F1"),
+                 ("amber_score", "AMBER score"))
+
+
 def markdown_table(summary: dict) -> str:
-    splits = list(summary["rounds"][0]["pope"]) if summary["rounds"] else []
-    head = ["round", "CHAIR_s", "CHAIR_i", "recall", "len"] + [f"POPE {s} F1" for s in splits]
+    """One line per round: CHAIR's columns, POPE F1 per split, AMBER's column group (the benchmarks that ran)."""
+    rows = summary["rounds"]
+    first = rows[0] if rows else {}
+    splits = list(first.get("pope", {}))
+    head = ["round"]
+    if "chair" in first:
+        head += ["CHAIR_s", "CHAIR_i", "recall", "len"]
+    head += [f"POPE {s} F1" for s in splits]
+    if "amber" in first:
+        head += [label for _, label in AMBER_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in summary["rounds"]:
-        c = r["chair"]
-        cells = [str(r["round"]), f"{c['chair_s']:.3f}", f"{c['chair_i']:.3f}", f"{c['recall']:.3f}",
-                 f"{c['len']:.1f}"] + [f"{r['pope'][s]['f1']:.3f}" for s in splits]
+    for r in rows:
+        cells = [str(r["round"])]
+        if "chair" in first:
+            c = r["chair"]
+            cells += [f"{c['chair_s']:.3f}", f"{c['chair_i']:.3f}", f"{c['recall']:.3f}", f"{c['len']:.1f}"]
+        cells += [f"{r['pope'][s]['f1']:.3f}" for s in splits]
+        if "amber" in first:
+            cells += ["" if r["amber"][key] is None else f"{r['amber'][key]:.3f}" for key, _ in AMBER_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -206,8 +257,11 @@ def tell_console(level: int, message: str) -> None:
 def track(cfg: DictConfig, summary: dict, curves: dict[int, list[dict]] | None = None) -> dict:
     """Log the experiment to MLflow (runs found again, never added twice) and return the run ids; TrackingError
     (one line) when the store cannot be reached or fails."""
-    artifacts = {r["round"]: [paths.chair_json(cfg, r["round"]), paths.pope_json(cfg, r["round"])]
-                 for r in summary["rounds"]}
+    artifacts = {}
+    for r in summary["rounds"]:
+        lmms_eval = paths.lmms_eval_dir(cfg, r["round"]) / "results.json"
+        artifacts[r["round"]] = [path for path in result_paths(cfg, r["round"]).values() if path is not None] + (
+            [lmms_eval] if lmms_eval.is_file() else [])
     return log_experiment(tracking_uri(cfg.tracking.tracking_uri), run_identity(to_plain(cfg)),
                           cfg.tracking.artifact_location, summary["rounds"], artifacts, curves,
                           plot=paths.rounds_plot(cfg))
@@ -241,7 +295,7 @@ def without_timings(stats: dict) -> dict:
 
 
 def run(cfg: DictConfig) -> None:
-    rows = [summary_row(k, str(paths.model_dir(cfg, k)), paths.chair_json(cfg, k), paths.pope_json(cfg, k))
+    rows = [summary_row(k, str(paths.model_dir(cfg, k)), *result_paths(cfg, k).values())
             for k in range(cfg.rounds + 1)]
     curves = {k: training_curve(paths.train_dir(cfg, k) / "train_log.jsonl") for k in range(cfg.rounds)}
     for row in rows[:-1]:

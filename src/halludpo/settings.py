@@ -35,6 +35,11 @@ WIN_RULES = ("context_coherent", "new_objects", "factual")         # halludpo.se
 TOY_VERIFIER_KINDS = ("cnn", "features", "mlp")                    # halludpo.verifiers.KINDS
 DETECTOR_DTYPES = ("float32", "float16", "bfloat16")               # halludpo.detectors.DTYPES
 POPE_SPLITS = ("random", "popular", "adversarial")                 # halludpo.metrics.pope.POPE_SPLITS
+BENCHMARKS = ("chair", "pope", "amber")                            # halludpo.evaluate.BENCHMARKS
+AMBER_ANSWER_RULES = ("amber", "first-word")                       # halludpo.metrics.amber.ANSWER_RULES
+AMBER_NOUN_PIPELINES = ("auto", "nltk", "offline")                 # halludpo.metrics.amber.NOUN_PIPELINES
+AMBER_MATCHERS = ("auto", "spacy", "table", "offline")             # halludpo.metrics.amber.MATCHERS
+AMBER_WORDINGS = ("amber", "toy")                                  # halludpo.toyworld.AMBER_WORDINGS
 TEXT_PIPELINES = ("auto", "nltk", "offline")                       # halludpo.metrics.text.TEXT_PIPELINE_NAMES
 HALLUCINATION_POSITIONS = ("anywhere", "last")                     # halludpo.toyworld.HALLUCINATION_POSITIONS
 VERIFY_MODES = ("strict", "tofu")                                  # halludpo.download.VERIFY_MODES
@@ -178,6 +183,7 @@ SETTINGS: dict[str, Setting] = {
     "step": text(),                                   # each stage knows its own steps
     "shard": integer(0),                              # and < shards (check_shard)
     "shards": COUNT,
+    "amber_shards": COUNT,
     "gather": flag(),
     "parallel.shards.*": COUNT,
     "paths.*": text(),
@@ -281,6 +287,16 @@ SETTINGS: dict[str, Setting] = {
     "eval.pope.min_objects": COUNT,
     "eval.pope.per_image": COUNT,
     "eval.pope.parse": one_of("pope", "opera"),      # halludpo.metrics.pope.PARSE_RULES
+    "eval.benchmarks": Setting(lambda v: list_of(one_of(*BENCHMARKS)).accepts(v) and len(set(v)) == len(v),
+                               f"a non-empty list of distinct names, each one of {', '.join(BENCHMARKS)}"),
+    "eval.amber.n_images": COUNT,                     # toy world: <= data.splits.eval (check_toy_image_counts)
+    "eval.amber.n_hallu": integer(0),
+    "eval.amber.wording": one_of(*AMBER_WORDINGS),
+    "eval.amber.discriminative.answer_rule": one_of(*AMBER_ANSWER_RULES),
+    "eval.amber.noun_pipeline": one_of(*AMBER_NOUN_PIPELINES),
+    "eval.amber.matcher": one_of(*AMBER_MATCHERS),
+    "eval.amber.similarity_table": nullable(text()),
+    "eval.amber.threshold": number(0, 1),
     "eval.judge.base_url": nullable(text()),         # null: no judge; judge-scored benchmarks refuse to run
     "eval.judge.model": text(),                       # pinned: a dated snapshot, recorded in every result
     "eval.judge.api_key_env": text(),                 # the NAME of the key's variable (halludpo.judge checks it)
@@ -487,7 +503,8 @@ def check_toy_image_counts(tree: Mapping) -> list[tuple[str, str]]:
     (CHAIR without a fixed id list, POPE and APASI's descriptions)."""
     if lookup(tree, "data.kind") != "toy":
         return []
-    samples = [("eval.pope.n_images", "eval"), ("method.generation.n_images", "unlabeled")]
+    samples = [("eval.pope.n_images", "eval"), ("eval.amber.n_images", "eval"),
+               ("method.generation.n_images", "unlabeled")]
     if lookup(tree, "eval.chair.image_ids_file") is None:
         samples.insert(0, ("eval.chair.n_images", "eval"))
     found = []
@@ -540,10 +557,21 @@ def check_pope_sources(tree: Mapping) -> list[tuple[str, str]]:
     return []
 
 
+def check_amber_sources(tree: Mapping) -> list[tuple[str, str]]:
+    """AMBER on real data reads its released files (data.sources.amber); only the toy world writes its own."""
+    benchmarks, kind = lookup(tree, "eval.benchmarks"), lookup(tree, "data.kind")
+    if not isinstance(benchmarks, list) or "amber" not in benchmarks or kind in ("toy", None):
+        return []
+    if isinstance(lookup(tree, "data.sources.amber"), Mapping):
+        return []
+    return [problem("eval.benchmarks", benchmarks, f"names amber, but data.kind = {kind!r} has no AMBER files "
+                                                   "(data.sources.amber); drop amber or add them")]
+
+
 CROSS_CHECKS: tuple[Callable[[Mapping], list[tuple[str, str]]], ...] = (
     check_round, check_shard, check_loss_contrast, check_method_select, check_mirror, check_image_prompts,
     check_contrast_areas,
-    check_world, check_toy_image_counts, check_arch, check_verifier_kinds, check_pope_sources,
+    check_world, check_toy_image_counts, check_arch, check_verifier_kinds, check_pope_sources, check_amber_sources,
 )
 
 

@@ -254,12 +254,16 @@ def curve_points(curve: list[dict]) -> list[tuple[str, float, int]]:
 
 def round_metrics(row: dict) -> dict[str, float]:
     """summary.json row -> MLflow metric names (chair_s, chair_i, recall, len, chair_i_sentence_<n>,
-    pope_<split>_<metric>)."""
-    metrics = {k: float(v) for k, v in row["chair"].items()}
+    pope_<split>_<metric>, amber_<metric>: amber_chair, amber_cover, amber_hal, amber_cog, amber_accuracy,
+    amber_f1, amber_score), for the benchmarks the row holds; a metric without a value (null) is not logged."""
+    metrics = {k: float(v) for k, v in row.get("chair", {}).items()}
     for position in row.get("chair_by_sentence", []):
         metrics[f"chair_i_sentence_{position['sentence'] + 1}"] = float(position["chair_i"])
-    for split, values in row["pope"].items():
+    for split, values in row.get("pope", {}).items():
         metrics.update({f"pope_{split}_{m}": float(v) for m, v in values.items()})
+    for name, value in row.get("amber", {}).items():
+        if value is not None:
+            metrics["amber_score" if name == "amber_score" else f"amber_{name}"] = float(value)
     return metrics
 
 

@@ -108,6 +108,18 @@ BAD_COMBINATIONS = [
      "verifier.kinds = ['grounding_dino', 'yolo']"),
     (["experiment=apasi_llava15_7b", "~data.sources.pope.adversarial"],        # no released file for a split
      "eval.pope.splits = ['random', 'popular', 'adversarial']"),
+    (["eval.benchmarks=[chair,amber,chair]"], "eval.benchmarks = ['chair', 'amber', 'chair']"),
+    (["eval.benchmarks=[]"], "eval.benchmarks = []"),
+    (["eval.benchmarks=[chair,mmhal]"], "eval.benchmarks = ['chair', 'mmhal']"),
+    (["eval.amber.n_images=1001"], "eval.amber.n_images = 1001"),           # the toy eval split has 1,000
+    (["eval.amber.wording=plain"], "eval.amber.wording = 'plain'"),
+    (["eval.amber.discriminative.answer_rule=exact"], "eval.amber.discriminative.answer_rule = 'exact'"),
+    (["eval.amber.matcher=word2vec"], "eval.amber.matcher = 'word2vec'"),
+    (["eval.amber.threshold=1.5"], "eval.amber.threshold = 1.5"),
+    (["eval.amber.generative.max_new_tokens=0"], "eval.amber.generative.max_new_tokens = 0"),
+    (["parallel.shards.amber=0"], "parallel.shards.amber = 0"),
+    (["experiment=apasi_llava15_7b", "~data.sources.amber"],                  # AMBER without its files
+     "eval.benchmarks = ['chair', 'pope', 'amber']"),
 ]
 
 
@@ -179,6 +191,9 @@ GOOD_EDGES = [
     ["method.verify.mirror=true", "method.verify.correct_as=object", "method.verify.correct=true"],
     ["experiment=apasi_llava15_7b", "model=qwen25vl_7b", "eval.pope.splits=[random,popular]"],
     ["download.retries=0", "download.names=[]", "tracking.enabled=false"],
+    ["eval.benchmarks=[amber]", "eval.amber.n_images=1000", "eval.amber.n_hallu=0", "eval.amber.threshold=0"],
+    ["eval.benchmarks=[pope,chair]", "eval.amber.wording=amber", "eval.amber.discriminative.answer_rule=amber"],
+    ["experiment=apasi_llava15_7b", "~data.sources.amber", "eval.benchmarks=[chair,pope]"],
     ["model.device=cuda:1", "download.entries.amber_images.verify=tofu"],
     ["experiment=apasi_llava15_7b", "model.device=cpu", "model.revision=0123456789abcdef0123456789abcdef01234567"],
 ]
@@ -247,6 +262,12 @@ def test_enumerations_agree_with_the_modules_that_use_them():
     assert set(settings.SCHEDULERS) <= {s.value for s in transformers.SchedulerType}
     assert settings.VERIFY_MODES == download.VERIFY_MODES
     assert settings.DEVICE_SETTING.pattern == models.DEVICE_SETTING.pattern
+    from halludpo import evaluate
+    from halludpo.metrics import amber
+
+    assert settings.BENCHMARKS == evaluate.BENCHMARKS and settings.AMBER_WORDINGS == toyworld.AMBER_WORDINGS
+    assert settings.AMBER_ANSWER_RULES == amber.ANSWER_RULES and settings.AMBER_MATCHERS == amber.MATCHERS
+    assert settings.AMBER_NOUN_PIPELINES == amber.NOUN_PIPELINES
 
 
 def test_snakemake_dry_run_fails_with_one_line_naming_the_setting(tmp_path):

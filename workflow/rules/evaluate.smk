@@ -1,9 +1,14 @@
+# eval.benchmarks picks what rule evaluate scores: chair (model_k's descriptions, rule generate), pope (rule
+# pope_answers), amber (rule amber_answers). It also writes eval/lmms_eval/ (lmms-eval's results layout).
+BENCHMARKS = list(CFG.eval.benchmarks)
+from halludpo import lmms_results
+
 # POPE's question files: sampled from the eval annotations (rule pope_questions, the toy world) or, when the data
 # config names released files (data.sources.pope, COCO), converted from them by the data rule (prepare).
 POPE_QUESTIONS = [str(paths.pope_questions(CFG, s)) for s in CFG.eval.pope.splits]
 RELEASED_POPE = OmegaConf.select(CFG, "data.sources.pope") is not None
 
-if not RELEASED_POPE:
+if not RELEASED_POPE and "pope" in BENCHMARKS:
 
     rule pope_questions:
         """POPE question files (random / popular / adversarial) from the evaluation annotations."""
@@ -48,24 +53,117 @@ rule pope_answers:
         + " > {log} 2>&1"
 
 
-rule evaluate:
-    """CHAIR on model_k's descriptions, POPE's metrics on the pope_answers shards' answers."""
+# AMBER's files: written from the eval split by rule amber_questions (the toy world), or its released files named by
+# the data config (data.sources.amber, read as they are; the inputs are their download markers, as for prepare).
+RELEASED_AMBER = paths.released_amber(CFG)
+AMBER_FILES = [str(f) for f in paths.amber_files(CFG).values()]
+AMBER_INPUTS = (download.marker_paths(CFG.download, CFG.data.sources.amber.downloads) if RELEASED_AMBER
+                else AMBER_FILES)
+
+if not RELEASED_AMBER and "amber" in BENCHMARKS:
+
+    rule amber_questions:
+        """AMBER's files for eval.amber.n_images images of the toy eval split (toyworld.write_amber_split): the
+        annotations, the word relations, the query files (questions in eval.amber.wording)."""
+        input:
+            code=code("evaluate"),
+            instances=CFG.data.eval_instances,
+            world=str(paths.data_done(CFG)),
+        output:
+            AMBER_FILES,
+            [str(paths.amber_dir(CFG) / f"query_discriminative-{d}.json")
+             for d in ("attribute", "existence", "relation")],
+        params:
+            config=subtree("eval.amber.n_images", "eval.amber.n_hallu", "eval.amber.wording", "eval.seed"),
+        conda:
+            CONDA_ENV
+        log:
+            RESULTS / "logs" / f"amber_questions_{CFG.data.name}.log",
+        shell:
+            stage("evaluate", "amber_questions", step="amber_questions") + " > {log} 2>&1"
+
+
+AMBER_JSON = str(EXP / "round_{k}" / "eval" / "amber.json")  # its shards: eval/shards/amber_<task>.*
+
+
+rule amber_answers:
+    """AMBER by model_k, shard {i} of {n}: descriptions of AMBER's images (its prompt) and greedy answers to its
+    yes/no questions, each list split into whole batches."""
     input:
         code=code("evaluate"),
-        generations=str(EXP / "round_{k}" / "generate" / "eval.jsonl"),
-        questions=POPE_QUESTIONS,
-        answers=gathered_shards(POPE_JSON, "evaluate", "pope_answers"),
+        amber=AMBER_INPUTS,
+        model=model_marker,
     output:
-        chair=report(str(EXP / "round_{k}" / "eval" / "chair.json"), caption="../report/chair.rst",
-                     category="Evaluation", subcategory="round {k}"),
-        pope=report(str(EXP / "round_{k}" / "eval" / "pope.json"), caption="../report/pope.rst",
-                    category="Evaluation", subcategory="round {k}"),
-        samples=report(str(EXP / "round_{k}" / "eval" / "pope_samples.jsonl"), caption="../report/pope_samples.rst",
-                       category="Evaluation", subcategory="round {k}"),
+        generative=str(EXP / "round_{k}" / "eval" / "shards" / "amber_generative.{i}-of-{n}.jsonl"),
+        discriminative=str(EXP / "round_{k}" / "eval" / "shards" / "amber_discriminative.{i}-of-{n}.jsonl"),
     params:
-        config=subtree("data.vocabulary", "data.compounds", "data.eval_captions", "eval.chair.text_pipeline",
-                       "eval.pope", "eval.batch_size"),
-        shards=lambda w, input: len(input.answers),
+        config=subtree("eval.amber.generative", "eval.amber.discriminative.max_new_tokens", "eval.generation",
+                       "eval.batch_size", "eval.seed"),
+    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    log:
+        EXP / "logs" / "amber_answers_{i}-of-{n}_r{k}.log",
+    benchmark:
+        EXP / "benchmarks" / "amber_answers_{i}-of-{n}_r{k}.tsv"
+    shell:
+        "OMP_NUM_THREADS={threads} "
+        + stage("evaluate", "amber_answers", **shard_settings(round="{wildcards.k}", step="amber_answers"))
+        + " > {log} 2>&1"
+
+
+def evaluate_inputs():
+    """Rule evaluate's inputs, by eval.benchmarks."""
+    inputs = {"code": code("evaluate")}
+    if "chair" in BENCHMARKS:
+        inputs["generations"] = str(EXP / "round_{k}" / "generate" / "eval.jsonl")
+    if "pope" in BENCHMARKS:
+        inputs["questions"] = POPE_QUESTIONS
+        inputs["answers"] = gathered_shards(POPE_JSON, "evaluate", "pope_answers")
+    if "amber" in BENCHMARKS:
+        inputs["amber"] = AMBER_INPUTS
+        inputs["amber_generative"] = gathered_shards(AMBER_JSON, "amber", "amber_generative")
+        inputs["amber_discriminative"] = gathered_shards(AMBER_JSON, "amber", "amber_discriminative")
+    return inputs
+
+
+# lmms-eval's tasks of the chosen benchmarks (halludpo.lmms_results): one samples_<task>.jsonl each
+LMMS_EVAL_TASKS = ([lmms_results.POPE_TASKS[s] for s in CFG.eval.pope.splits] if "pope" in BENCHMARKS else []) + (
+    ["amber_g", "amber_d"] if "amber" in BENCHMARKS else [])
+
+
+def evaluate_outputs():
+    """Rule evaluate's outputs, by eval.benchmarks: the metric files (in the HTML report) and lmms-eval's layout."""
+    def shown(name, caption):
+        return report(str(EXP / "round_{k}" / "eval" / name), caption=f"../report/{caption}", category="Evaluation",
+                      subcategory="round {k}")
+
+    outputs = {}
+    if "chair" in BENCHMARKS:
+        outputs["chair"] = shown("chair.json", "chair.rst")
+    if "pope" in BENCHMARKS:
+        outputs["pope"] = shown("pope.json", "pope.rst")
+        outputs["samples"] = shown("pope_samples.jsonl", "pope_samples.rst")
+    if "amber" in BENCHMARKS:
+        outputs["amber"] = shown("amber.json", "amber.rst")
+    outputs["lmms_eval"] = shown("lmms_eval/results.json", "lmms_eval.rst")
+    outputs["lmms_eval_samples"] = [str(EXP / "round_{k}" / "eval" / "lmms_eval" / f"samples_{task}.jsonl")
+                                    for task in LMMS_EVAL_TASKS]
+    return outputs
+
+
+rule evaluate:
+    """The metrics of eval.benchmarks: CHAIR on model_k's descriptions, POPE's on the pope_answers shards' answers,
+    AMBER's on the amber_answers shards'; lmms-eval's results layout of them."""
+    input:
+        **evaluate_inputs(),
+    output:
+        **evaluate_outputs(),
+    params:
+        config=subtree("eval.benchmarks", "data.vocabulary", "data.compounds", "data.eval_captions",
+                       "eval.chair.text_pipeline", "eval.pope", "eval.batch_size", "eval.amber", "eval.generation"),
+        shards=lambda w, input: len(input.get("answers", [])) or 1,
+        amber_shards=lambda w, input: len(input.get("amber_generative", [])) or 1,
     conda:
         CONDA_ENV
     log:
@@ -73,4 +171,5 @@ rule evaluate:
     benchmark:
         EXP / "benchmarks" / "evaluate_r{k}.tsv"
     shell:
-        stage("evaluate", "evaluate", round="{wildcards.k}", shards="{params.shards}") + " > {log} 2>&1"
+        stage("evaluate", "evaluate", round="{wildcards.k}", shards="{params.shards}",
+              amber_shards="{params.amber_shards}") + " > {log} 2>&1"

@@ -21,8 +21,8 @@ rule summarize:
     Also the report's training curves (one plot per trained round) and the resolved config."""
     input:
         code=code("report"),
-        chair=expand(rules.evaluate.output.chair, k=ROUNDS),
-        pope=expand(rules.evaluate.output.pope, k=ROUNDS),
+        evaluations=[expand(getattr(rules.evaluate.output, b), k=ROUNDS) for b in BENCHMARKS],
+        lmms_eval=expand(rules.evaluate.output.lmms_eval, k=ROUNDS),
         train=expand(rules.dpo.output.stats, k=ROUNDS[:-1]),
         train_log=expand(rules.dpo.output.log, k=ROUNDS[:-1]),
     output:
@@ -33,7 +33,7 @@ rule summarize:
                           f"round {k}") for k in ROUNDS[:-1]],
         config=in_report(EXP / "resolved_config.yaml", "resolved_config.rst", "Configuration"),
     params:
-        config=subtree("experiment_name", "rounds", "tracking"),
+        config=subtree("experiment_name", "rounds", "tracking", "eval.benchmarks"),
     conda:
         CONDA_ENV
     log:

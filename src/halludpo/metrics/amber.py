@@ -826,6 +826,20 @@ def score_amber(records: Iterable[Mapping[str, Any]], data: AmberData, *, nouns:
             "items": items}
 
 
+HEADLINE = ("chair", "cover", "hal", "cog", "accuracy", "f1", "amber_score")
+
+
+def amber_headline(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """score_amber's headline numbers (fractions), HEADLINE's keys: generative CHAIR, Cover, Hal, Cog;
+    discriminative accuracy and F1 over all questions; the AMBER score. None where a task was not scored."""
+    metrics = result["metrics"]
+    generative = metrics["generative"] or {}
+    overall = (metrics["discriminative"] or {}).get("overall", {})
+    return {"chair": generative.get("chair"), "cover": generative.get("cover"), "hal": generative.get("hal"),
+            "cog": generative.get("cog"), "accuracy": overall.get("accuracy"), "f1": overall.get("f1"),
+            "amber_score": metrics["amber_score"]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
