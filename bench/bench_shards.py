@@ -79,6 +79,7 @@ def main() -> None:
         write_jsonl(pairs, pair_rows(examples, tmp / "world", args.images))
         stages = {
             "generate (eval split)": ("generate", ["round=0", "split=eval", f"eval.chair.n_images={args.images}",
+                                                   f"data.splits.eval={args.images}",
                                                    "eval.batch_size=16", "eval.chair.max_new_tokens=64"]),
             "reference_logps": ("train", ["round=0", "step=reference", "train.ref_batch_size=8"]),
         }

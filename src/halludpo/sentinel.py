@@ -364,7 +364,7 @@ def stop_pair(step: Mapping, decisions: Mapping[str, Sequence[bool]]) -> tuple[s
 
 def stop_pair_row(item: Mapping, step: dict, kind: str, index: int) -> dict:
     """A stop pair as a pairs.jsonl row: the empty response ("") is the end of the answer after the context
-    (halludpo.scoring scores only its end-of-turn); the sentence is scored without one (it continues)."""
+    (halludpo.logprobs scores only its end-of-turn); the sentence is scored without one (it continues)."""
     sentence = step["sentences"][index]
     chosen, rejected = ("", sentence) if kind == STOP_OVER_HALLUCINATED else (sentence, "")
     chosen_text, rejected_text = (s["text"] if s else "" for s in (chosen, rejected))
