@@ -170,3 +170,27 @@ def test_a_killed_generate_shard_resumes_from_its_partial_file(tiny_pipeline, tm
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "resuming" not in fresh.stderr
     assert kept == target.read_bytes() and len(kept.splitlines()) == 16
+
+
+@pytest.mark.slow
+def test_amber_answers_in_three_shards_give_the_unsharded_results(tiny_pipeline, tmp_path):
+    """rule amber_answers splits AMBER's descriptions and its questions each into whole batches: amber.json and the
+    lmms-eval files of 3 shards are the unsharded run's byte for byte, and every shard got both kinds of work."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    only_amber = TINY + ["eval.batch_size=2", "eval.benchmarks=[amber]"]  # 8 descriptions: 4 batches
+    target = "results/toy_apasi/round_0/eval/amber.json"
+    for workdir, overrides in ((one, only_amber), (three, only_amber + ["parallel.shards.amber=3"])):
+        copy_base(tiny_pipeline, workdir)
+        result = snakemake(workdir, "--keep-going", target, overrides=overrides)  # a flag ends --config
+        assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stderr + result.stdout)
+    assert counts["amber_answers"] == 3 and "pope_answers" not in counts and "generate" not in counts, counts
+    eval_one, eval_three = (w / "results" / "toy_apasi" / "round_0" / "eval" for w in (one, three))
+    for name in ("amber.json", "lmms_eval/results.json", "lmms_eval/samples_amber_g.jsonl",
+                 "lmms_eval/samples_amber_d.jsonl"):
+        assert (eval_one / name).read_bytes() == (eval_three / name).read_bytes(), name
+    for task, total in (("generative", 8), ("discriminative", None)):
+        rows = [len(p.read_text().splitlines()) for p in shard_files(eval_three / f"amber_{task}.jsonl", 3)]
+        assert min(rows) > 0 and (total is None or sum(rows) == total), (task, rows)
+    assert list(json.loads((eval_three / "lmms_eval" / "results.json").read_text())["results"]) == ["amber_g",
+                                                                                                  "amber_d"]
