@@ -29,8 +29,8 @@ from halludpo.mixing import MIXES, SINGLE, pair_methods
 # Enumerations of modules that import torch (checked against them by the tests).
 LOSSES = ("sigmoid", "cdpo", "mdpo", "symmpo")                     # halludpo.losses.LOSSES
 CONTRAST_KINDS = ("none", "corrupt", "black", "noise", "neighbour")  # halludpo.contrast.KINDS
-INJECTION_MODES = ("replace", "insert", "both", "append")          # halludpo.injection.MODES
-CORRECT_AS = ("response", "sentence", "object")                    # halludpo.injection.CORRECT_AS
+INJECTION_MODES = ("replace", "insert", "both", "append")          # halludpo.apasi.MODES
+CORRECT_AS = ("response", "sentence", "object")                    # halludpo.apasi.CORRECT_AS
 WIN_RULES = ("context_coherent", "new_objects", "factual")         # halludpo.sentinel.WIN_RULES
 TOY_VERIFIER_KINDS = ("cnn", "features", "mlp")                    # halludpo.verifiers.KINDS
 DETECTOR_DTYPES = ("float32", "float16", "bfloat16")               # halludpo.detectors.DTYPES
