@@ -14,9 +14,11 @@ def test_default_config_is_the_toy_apasi_experiment():
 
 
 def test_overrides_reach_every_group():
-    cfg = compose(["paths.results=/tmp/x", "eval.chair.n_images=7", "eval.pope.n_images=5", "data.splits.eval=9"])
+    cfg = compose(["paths.results=/tmp/x", "eval.chair.n_images=7", "eval.pope.n_images=5", "eval.amber.n_images=3",
+                   "data.splits.eval=9"])
     assert cfg.paths.data_dir == "/tmp/x/data/toy"
     assert cfg.eval.chair.n_images == 7 and cfg.eval.pope.n_images == 5 and cfg.data.splits.eval == 9
+    assert cfg.eval.amber.n_images == 3
 
 
 @pytest.mark.parametrize("bad, message", [

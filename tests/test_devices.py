@@ -161,6 +161,21 @@ def run_evaluate(cfg, tiny_world):
     evaluate.run(cfg)
 
 
+def run_amber(cfg, tiny_world):
+    """AMBER's toy files of the tiny world's eval split (written under paths.results, not into the shared tiny
+    world), then model_k's AMBER answers."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.eval_instances = str(tiny_world / "eval" / "instances.json")
+    cfg.data.eval_images = str(tiny_world / "eval" / "images")
+    cfg.paths.data_dir = f"{cfg.paths.results}/data"
+    questions = copy.deepcopy(cfg)
+    questions.step = "amber_questions"
+    evaluate.run(questions)
+    evaluate.run(cfg)
+
+
 def run_inject(cfg, tiny_world):
     write_jsonl(paths.gen_generations(cfg, 0), described(tiny_world, "unlabeled"))
     pairs.run(cfg)
@@ -188,6 +203,7 @@ STAGES = {  # rule: (overrides, how it runs, the call it reaches)
     "generate eval": ([], run_generate, "generate"),
     "generate gen": (["split=gen", "method.generation.n_images=4"], run_generate, "generate"),
     "pope_answers": (["step=answers"], run_evaluate, "generate"),
+    "amber_answers": (["step=amber_answers", "eval.amber.n_images=2"], run_amber, "generate"),
     "inject": ([], run_inject, "generate"),
     "sentinel": (["experiment=toy_sentinel", "verifier.oracle=true", "method.instances=${data.train_instances}",
                   "method.images_dir=${data.train_images}", "method.n_images=4"], run_sentinel, "generate"),

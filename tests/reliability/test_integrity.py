@@ -238,7 +238,7 @@ def run_module(workdir: Path, args: list[str], env: dict | None = None) -> subpr
 
 STAGE_ARGS = ["hydra.job.chdir=false", "data.splits.train=2", "data.splits.unlabeled=1", "data.splits.eval=2",
               "data.world.image_size=32", "data.world.min_glyph=8", "data.world.max_glyph=12",
-              "eval.chair.n_images=2", "eval.pope.n_images=2", "method.generation.n_images=1"]
+              "eval.chair.n_images=2", "eval.pope.n_images=2", "eval.amber.n_images=2", "method.generation.n_images=1"]
 
 
 @pytest.fixture(scope="module")
