@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.test_injection import OTHER_RESPONSES, RESPONSE, TOY_OBJECTS, TOY_TEMPLATES, FakeCompleter, toy_objects_of
+from tests.test_apasi import OTHER_RESPONSES, RESPONSE, TOY_OBJECTS, TOY_TEMPLATES, FakeCompleter, toy_objects_of
 from tests.test_pipeline import TINY, job_counts, snakemake
 
 ROOT = Path(__file__).resolve().parents[2]
