@@ -243,7 +243,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 ReturnToService=2
-MinJobAge=600
+MinJobAge=3600
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=131072 Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
@@ -377,8 +377,13 @@ def test_toy_pipeline_through_real_slurm(slurm_cluster, tiny_pipeline, tmp_path)
         assert all(0.0 <= row["chair"][k] <= 1.0 for k in ("chair_s", "chair_i", "recall")), row["chair"]
         assert all(0.0 <= split["f1"] <= 1.0 for split in row["pope"].values()), row["pope"]
     assert summary["rounds"][0]["train"]["pairs"] > 0
+    base, _ = tiny_pipeline  # the same config without shards, run locally
+    for name in ("summary.json", "round_0/eval/amber.json", "round_1/eval/lmms_eval/results.json"):
+        assert (tmp_path / "results" / "toy_apasi" / name).read_bytes() == (
+            base / "results" / "toy_apasi" / name).read_bytes(), name
 
-    # every rule ran as a SLURM job: slurmctld still holds the finished jobs (MinJobAge=600)
+    # every rule ran as a SLURM job: slurmctld still holds the finished jobs (MinJobAge=3600: a run on a busy
+    # machine takes more than 10 minutes)
     shown = subprocess.run(["scontrol", "-o", "show", "job"], env=env, capture_output=True, text=True, check=True)
     jobs = {}
     for line in shown.stdout.splitlines():
