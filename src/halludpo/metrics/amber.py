@@ -644,10 +644,7 @@ class AmberGenerativeScorer:
         record's origin when known)."""
         items = []
         for record in records:
-            item = truths.get(record["id"])
-            if item is None:
-                where = record.get("origin") or origin(record) or "responses"
-                raise InputError(f"{where}: id {record['id']!r} is not a generative item of AMBER's annotations")
+            item = annotated(truths, record, "a generative item")
             items.append(self.score_item(item.id, record["response"] or "", item.truth, item.hallu))
         return self.summarize(items)
 
@@ -725,15 +722,22 @@ def printed_discriminative(counts: Mapping[str, int], group: str) -> dict[str, f
             "F1": f1}
 
 
+def annotated(entries: Mapping[int, Any], record: Mapping[str, Any], what: str):
+    """The entry of AMBER's annotations that a response record answers; InputError naming the record's origin
+    (when known) if its id has none."""
+    entry = entries.get(record["id"])
+    if entry is None:
+        where = record.get("origin") or origin(record) or "responses"
+        raise InputError(f"{where}: id {record['id']!r} is not {what} of AMBER's annotations")
+    return entry
+
+
 def score_discriminative(records: Iterable[Mapping[str, Any]], questions: Mapping[int, Question],
                          rule: str = "amber") -> dict[str, Any]:
     """Per group (GROUPS present in the records) counts, fractions and AMBER's printed numbers."""
     items = []
     for record in records:
-        question = questions.get(record["id"])
-        if question is None:
-            where = record.get("origin") or origin(record) or "responses"
-            raise InputError(f"{where}: id {record['id']!r} is not a discriminative question of AMBER's annotations")
+        question = annotated(questions, record, "a discriminative question")
         answer = parse_answer(record["response"] or "", rule)
         items.append({"id": question.id, "dimension": question.dimension, "kind": question.kind,
                       "truth": question.truth, "response": record["response"], "answer": answer,
