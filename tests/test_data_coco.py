@@ -265,3 +265,44 @@ def test_a_moved_output_is_refused(downloads, tmp_path):
                    f"data.eval_instances={tmp_path}/elsewhere.json"])
     with pytest.raises(ValueError, match="eval_instances="):
         run(cfg)
+
+
+def object_halbench_config(downloads, tmp_path):
+    return compose(["experiment=apasi_llava15_7b", f"paths.results={tmp_path}/results", f"download.root={downloads}"])
+
+
+def test_object_halbench_questions_from_the_question_file(downloads, tmp_path):
+    """rule object_halbench_questions on COCO: the question file's images and prompts in its order, their val2014
+    file names, and the val2014 instances and captions cut to those images."""
+    from halludpo.evaluate import write_object_halbench_questions
+    from halludpo.metrics.object_halbench import PROMPTS
+
+    cfg = object_halbench_config(downloads, tmp_path)
+    write_lines(Path(cfg.data.sources.object_halbench.questions),
+                [{"org_idx": 0, "image_id": 3, "question": PROMPTS[4], "image": "aGk="},
+                 {"org_idx": 1, "image_id": 1, "question": PROMPTS[0], "image": "aGk="}])
+    said = write_object_halbench_questions(cfg)
+    assert said["questions"] == 2 and said["images"] == 2 and "RLHF-V/RLAIF-V" in said["source"]
+    files = paths.object_halbench_files(cfg)
+    assert read_jsonl(files["questions"]) == [
+        {"id": 0, "image_id": 3, "image": val_name(3), "query": PROMPTS[4]},
+        {"id": 1, "image_id": 1, "image": val_name(1), "query": PROMPTS[0]}]
+    instances, captions = read_json(files["instances"]), read_json(files["captions"])
+    assert sorted(im["id"] for im in instances["images"]) == [1, 3] and instances["categories"] == CATEGORIES
+    assert sorted(a["category_id"] for a in instances["annotations"]) == sorted(VAL_OBJECTS[1] + VAL_OBJECTS[3])
+    assert sorted(c["image_id"] for c in captions["annotations"]) == [1, 3]
+    truth = ground_truth_from_coco(files["instances"], files["captions"], chair_scorer(
+        coco_synonyms_path(), "coco", "offline"))
+    assert truth == {1: {"person", "dog", "bowl"}, 3: {"person", "dining table", "dog", "bowl"}}
+
+
+def test_object_halbench_image_missing_from_val2014_names_the_line(downloads, tmp_path):
+    from halludpo.evaluate import write_object_halbench_questions
+    from halludpo.metrics.object_halbench import PROMPTS
+
+    cfg = object_halbench_config(downloads, tmp_path)
+    questions = Path(cfg.data.sources.object_halbench.questions)
+    write_lines(questions, [{"image_id": 1, "question": PROMPTS[0]}, {"image_id": 999, "question": PROMPTS[1]}])
+    with pytest.raises(InputError, match=rf"^{questions}:2: image 999 is not in .*instances_val2014.json"):
+        write_object_halbench_questions(cfg)
+    assert not paths.object_halbench_files(cfg)["questions"].exists()

@@ -39,13 +39,23 @@ def test_every_real_experiment_runs_on_coco_with_the_paper_protocol(name):
     assert list(cfg.eval.pope.splits) == ["random", "popular", "adversarial"]
     assert set(cfg.data.sources.pope) >= set(cfg.eval.pope.splits)
     # AMBER: its released files as they are, its image archive trusted on first use (no published checksum)
-    assert list(cfg.eval.benchmarks) == ["chair", "pope", "amber"] and paths.released_amber(cfg)
+    assert list(cfg.eval.benchmarks) == ["chair", "pope", "amber", "object_halbench"] and paths.released_amber(cfg)
     assert cfg.download.entries.amber_images.verify == "tofu" and cfg.download.entries.amber_images.sha256 is None
     root = cfg.download.root
     assert paths.amber_files(cfg)["annotations"] == Path(f"{root}/amber/data/annotations.json")
     assert paths.amber_files(cfg)["query_discriminative"] == Path(f"{root}/amber/data/query/query_discriminative.json")
     assert paths.amber_images(cfg) == Path(f"{root}/amber")
     assert cfg.eval.amber.generative.max_new_tokens == 512 and cfg.parallel.shards.amber == 4
+    # Object HalBench: RLHF-V's question file (pinned: commit + sha256) on COCO val2014, RLAIF-V's decoding
+    assert paths.released_object_halbench(cfg) and cfg.parallel.shards.object_halbench == 2
+    entry = cfg.download.entries.object_halbench_questions
+    assert "/RLHF-V/RLAIF-V/83d917b2e8118ca8e7877a796d72af9bb3e6b356/" in entry.url and len(entry.sha256) == 64
+    assert cfg.data.sources.object_halbench.questions == f"{root}/object_halbench/obj_halbench_300_with_image.jsonl"
+    assert cfg.data.sources.object_halbench.instances == f"{root}/coco/annotations/instances_val2014.json"
+    assert sorted(Path(m).stem for m in download.marker_paths(cfg.download, cfg.data.sources.object_halbench.downloads)
+                  ) == ["coco2014_annotations", "coco2014_val_images", "object_halbench_questions"]
+    o = cfg.eval.object_halbench
+    assert (o.max_new_tokens, o.generation.num_beams, o.generation.do_sample, o.mentions) == (1024, 3, False, "every")
     # the downloads prepare reads: COCO 2014 val + annotations, COCO 2017 train, detail-23k, OPERA's list, POPE
     markers = download.marker_paths(cfg.download, cfg.data.downloads)
     assert sorted(Path(m).stem for m in markers) == sorted([
@@ -153,18 +163,21 @@ def dry_run(workdir: Path, experiment: str) -> subprocess.CompletedProcess:
 
 # rounds R, shards S of each stage (parallel.shards.*): generate = ((R+1) eval + R gen) x S, gathered by
 # gather_generate; pope_answers and amber_answers = (R+1) x S; per round: the pairs' shard jobs + their gather,
-# reference shards + gather, dpo, merge. download: prepare's 8 entries + AMBER's 7 (bundle amber)
-APASI_7B = {"download": 15, "fetch_model": 1, "prepare": 1, "generate": 40, "gather_generate": 5, "inject": 16,
+# reference shards + gather, dpo, merge. download: prepare's 8 entries + AMBER's 7 (bundle amber) + Object HalBench's
+# question file; object_halbench_answers = (R+1) x S
+APASI_7B = {"download": 16, "fetch_model": 1, "prepare": 1, "generate": 40, "gather_generate": 5, "inject": 16,
             "inject_pairs": 2, "reference_logps": 16, "gather_reference_logps": 2, "dpo": 2, "merge": 2,
-            "pope_answers": 12, "amber_answers": 12, "evaluate": 3, "summarize": 1, "all": 1}
+            "pope_answers": 12, "amber_answers": 12, "object_halbench_questions": 1, "object_halbench_answers": 6,
+            "evaluate": 3, "summarize": 1, "all": 1}
 EXPECTED_JOBS = {
     "apasi_llava15_7b": APASI_7B,
     "apasi_qwen2vl_7b": APASI_7B,
     "symmpo_llava15_7b": APASI_7B | {"contrast_embeddings": 2, "contrast": 2},
-    "sentinel_llava15_7b": {"download": 15, "fetch_model": 1, "prepare": 1, "generate": 16, "gather_generate": 2,
+    "sentinel_llava15_7b": {"download": 16, "fetch_model": 1, "prepare": 1, "generate": 16, "gather_generate": 2,
                             "sentinel": 16, "sentinel_pairs": 1,  # detectors: no training
                             "reference_logps": 8, "gather_reference_logps": 1, "dpo": 1, "merge": 1,
-                            "pope_answers": 8, "amber_answers": 8, "evaluate": 2, "summarize": 1, "all": 1},
+                            "pope_answers": 8, "amber_answers": 8, "object_halbench_questions": 1,
+                            "object_halbench_answers": 4, "evaluate": 2, "summarize": 1, "all": 1},
 }
 
 
@@ -180,5 +193,8 @@ def test_dry_run_plans_the_whole_dag_from_nothing(tmp_path, experiment):
     assert "results/data/coco/pope/random.jsonl" in out and "results/downloads/done/llava_detail_23k.json" in out
     # AMBER on its released files: the amber_answers shards wait for the bundle's markers, images included
     assert "results/downloads/done/amber_images.json" in out and "results/downloads/done/amber_relation.json" in out
+    # Object HalBench on RLHF-V's question file: its questions wait for the file and COCO val2014
+    assert "results/downloads/done/object_halbench_questions.json" in out
+    assert "results/data/coco/object_halbench/questions.jsonl" in out
     assert str(paths.model_marker(compose([f"experiment={experiment}"]), 0)) in out
     assert "llava-hf/" not in out and "Qwen/" not in out  # a hub id is never read as a path

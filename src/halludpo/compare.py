@@ -34,6 +34,7 @@ def round_wall_seconds(experiment_dir: str | Path, k: int) -> float | None:
 
 
 AMBER_KEYS = ("chair", "f1", "amber_score")  # AMBER's columns of the table: CHAIR, discriminative F1, AMBER score
+OBJECT_HALBENCH_KEYS = ("response_hall", "mention_hall")  # Object HalBench's: its two hallucination rates
 
 
 def comparison_rows(summary_paths: list[str | Path]) -> list[dict]:
@@ -50,6 +51,8 @@ def comparison_rows(summary_paths: list[str | Path]) -> list[dict]:
             row |= {f"pope_{split}_f1": m["f1"] for split, m in r.get("pope", {}).items()}
             if "amber" in r:
                 row |= {f"amber_{key}": r["amber"][key] for key in AMBER_KEYS}
+            if "object_halbench" in r:
+                row |= {f"objhal_{key}": r["object_halbench"][key] for key in OBJECT_HALBENCH_KEYS}
             row["wall_seconds"] = round_wall_seconds(Path(path).parent, r["round"])
             rows.append(row)
     return rows
@@ -67,7 +70,8 @@ def to_csv(rows: list[dict]) -> str:
 def to_markdown(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     names = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "wall_seconds": "wall s", "amber_chair": "AMBER CHAIR",
-             "amber_f1": "AMBER F1", "amber_amber_score": "AMBER score"}
+             "amber_f1": "AMBER F1", "amber_amber_score": "AMBER score", "objhal_response_hall": "ObjHal response",
+             "objhal_mention_hall": "ObjHal mention"}
     head = [names.get(c, c.replace("pope_", "POPE ").replace("_f1", " F1")) for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

@@ -1,11 +1,14 @@
-"""Stage `evaluate`: CHAIR on model_k's descriptions, POPE by asking model_k yes/no questions, and AMBER (its
-descriptions and yes/no questions); eval.benchmarks picks which.
+"""Stage `evaluate`: CHAIR on model_k's descriptions, POPE by asking model_k yes/no questions, AMBER (its
+descriptions and yes/no questions) and Object HalBench (detailed descriptions); eval.benchmarks picks which.
 
     python -m halludpo.evaluate step=questions      # rule pope_questions: POPE files from the eval annotations
     python -m halludpo.evaluate step=amber_questions   # rule amber_questions (toy world): AMBER's files
     python -m halludpo.evaluate round=0 step=answers shard=0 shards=4   # rule pope_answers: model_k answers
     python -m halludpo.evaluate round=0 step=amber_answers shard=0 shards=4   # rule amber_answers
-    python -m halludpo.evaluate round=0 shards=4 amber_shards=4   # rule evaluate: chair.json, pope.json, amber.json
+    python -m halludpo.evaluate step=object_halbench_questions   # rule object_halbench_questions
+    python -m halludpo.evaluate round=0 step=object_halbench_answers shard=0 shards=2   # rule object_halbench_answers
+    python -m halludpo.evaluate round=0 shards=4 amber_shards=4 object_halbench_shards=2   # rule evaluate:
+                                                    # chair.json, pope.json, amber.json, object_halbench.json
                                                     # (+ per-sample JSONL) and lmms_eval/ (lmms-eval's layout)
 
 Every result file carries its full protocol (prompt, decoding, max_new_tokens, image ids and their hash, question
@@ -26,6 +29,7 @@ from halludpo.inference import decoding_kwargs, generate_texts
 from halludpo.io import (
     InputError,
     package_versions,
+    read_json,
     read_jsonl,
     sha256_file,
     sha256_json,
@@ -34,6 +38,7 @@ from halludpo.io import (
 )
 from halludpo.lmms_results import amber_tasks, pope_tasks, write_lmms_eval
 from halludpo.metrics.amber import amber_headline, load_amber, load_queries, score_amber
+from halludpo.metrics import object_halbench
 from halludpo.metrics.chair import COCO_COMPOUNDS, ChairScorer, ground_truth_from_coco, load_synonyms
 from halludpo.metrics.pope import PARSE_DESCRIPTIONS, build_questions, parse_answer, pope_metrics
 from halludpo.metrics.text import get_text_pipeline
@@ -52,7 +57,7 @@ log = logging.getLogger(__name__)
 
 GENERATION_FIELDS = ("image_id", "image_path", "prompt", "response", "model", "round", "sampling")
 QUESTION_FIELDS = ("question_id", "image_id", "file_name", "object", "label", "text")
-BENCHMARKS = ("chair", "pope", "amber")  # eval.benchmarks
+BENCHMARKS = ("chair", "pope", "amber", "object_halbench")  # eval.benchmarks
 AMBER_TASKS = ("generative", "discriminative")
 AMBER_ROW_FIELDS = ("id", "image", "query", "response")
 
@@ -199,7 +204,6 @@ def evaluate_pope(answer_rows: list[dict], question_files: dict[str, Path], max_
 def write_amber_questions(cfg: DictConfig) -> dict:
     """Rule amber_questions (toy world): AMBER's files (toyworld.write_amber_split) for eval.amber.n_images images
     of the eval split, drawn with eval.seed, in eval.amber.wording, into paths.amber_dir."""
-    from halludpo.io import read_json
     from halludpo.toyworld import write_amber_split
 
     a = cfg.eval.amber
@@ -225,8 +229,8 @@ def amber_decoding(cfg: DictConfig) -> dict[str, dict]:
             "discriminative": decoding_kwargs({}, a.discriminative.max_new_tokens)}
 
 
-def answer_amber(model, processor, queries: list[dict], images_dir: str | Path, gen_kwargs: dict, batch_size: int,
-                 seed: int, positions: range, resume: tuple[Path, str]) -> list[dict]:
+def answer_queries(model, processor, queries: list[dict], images_dir: str | Path, gen_kwargs: dict, batch_size: int,
+                   seed: int, positions: range, resume: tuple[Path, str], desc: str) -> list[dict]:
     """model_k's responses {id, image, query, response} to the queries at `positions`, in whole batches (a batch
     samples with batch_seed(seed, its first position)), resumable into the shard file (halludpo.shards)."""
     def work(start: int, stop: int) -> list[dict]:
@@ -237,7 +241,7 @@ def answer_amber(model, processor, queries: list[dict], images_dir: str | Path, 
         return [{"id": q["id"], "image": q["image"], "query": q["query"], "response": r}
                 for q, r in zip(chunk, responses)]
 
-    return run_batches(resume[0], positions, batch_size, work, resume[1], desc="amber")
+    return run_batches(resume[0], positions, batch_size, work, resume[1], desc=desc)
 
 
 def amber_answer_shard(cfg: DictConfig, k: int) -> None:
@@ -253,8 +257,9 @@ def amber_answer_shard(cfg: DictConfig, k: int) -> None:
     for task in AMBER_TASKS:
         positions = shard_range(len(queries[task]), cfg.eval.batch_size, cfg.shard, cfg.shards)
         target = shard_file(paths.amber_answers(cfg, k, task), cfg.shard, cfg.shards)
-        rows = answer_amber(model, processor, queries[task], paths.amber_images(cfg), decoding[task],
-                            cfg.eval.batch_size, cfg.eval.seed, positions, resume=(target, fingerprint))
+        rows = answer_queries(model, processor, queries[task], paths.amber_images(cfg), decoding[task],
+                              cfg.eval.batch_size, cfg.eval.seed, positions, resume=(target, fingerprint),
+                              desc=f"amber {task}")
         log.info("round %d: shard %d of %d, %d AMBER %s responses -> %s", k, cfg.shard, cfg.shards, len(rows), task,
                  target)
 
@@ -299,6 +304,143 @@ def read_amber_rows(cfg: DictConfig, k: int, n_shards: int) -> dict[str, list[di
     """The amber_answers shards' rows per task, in shard order (= id order)."""
     return {task: read_shards(shard_files(paths.amber_answers(cfg, k, task), n_shards), required=AMBER_ROW_FIELDS)
             for task in AMBER_TASKS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Object HalBench
+
+OBJECT_HALBENCH_PROMPTS = {"paper": object_halbench.PROMPTS}  # eval.object_halbench.prompts (+ "toy", below)
+
+
+def object_halbench_prompts(name: str) -> tuple[str, ...]:
+    """The prompts rotated over the toy eval images: the paper's eight, or the toy world's describe prompts (words
+    the toy model knows; the paper's are mostly unknown words to it)."""
+    if name == "toy":
+        from halludpo.toyworld import DESCRIBE_PROMPTS
+
+        return tuple(DESCRIBE_PROMPTS)
+    return OBJECT_HALBENCH_PROMPTS[name]
+
+
+def object_halbench_source(cfg: DictConfig) -> str:
+    """Where the Object HalBench questions come from, as the result files say it."""
+    o = cfg.eval.object_halbench
+    if paths.released_object_halbench(cfg):
+        q = object_halbench.QUESTION_FILE
+        return f"RLHF-V's question file ({q['repository']} {q['path']} at {q['commit'][:12]})"
+    return f"toy eval split: {o.n_images} images (eval.seed {cfg.eval.seed}), {o.prompts!r} prompts rotated"
+
+
+def object_halbench_sources(cfg: DictConfig) -> tuple[list[dict], Path, Path | None]:
+    """(questions [{image_id, prompt}], instances, captions or None): RLHF-V's file and COCO's val2014
+    annotations, or n_images of the toy eval split with the prompts rotated."""
+    o = cfg.eval.object_halbench
+    if paths.released_object_halbench(cfg):
+        source = cfg.data.sources.object_halbench
+        return (object_halbench.read_question_file(source.questions), Path(source.instances), Path(source.captions))
+    ids = sorted(image["id"] for image in read_json(cfg.data.eval_instances)["images"])
+    if o.n_images > len(ids):
+        raise InputError(f"eval.object_halbench.n_images={o.n_images}, but the eval split has {len(ids)} images")
+    chosen = sorted(random.Random(cfg.eval.seed).sample(ids, o.n_images))
+    captions = Path(cfg.data.eval_captions) if cfg.data.eval_captions else None
+    return (object_halbench.rotate_prompts(chosen, object_halbench_prompts(o.prompts)),
+            Path(cfg.data.eval_instances), captions)
+
+
+def coco_subset(coco: dict, image_ids: set[int]) -> dict:
+    """A COCO annotation file cut to the given images (images, annotations, and categories when it has them)."""
+    cut = {"images": [im for im in coco["images"] if im["id"] in image_ids],
+           "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
+    if "categories" in coco:
+        cut["categories"] = coco["categories"]
+    return cut
+
+
+def write_object_halbench_questions(cfg: DictConfig) -> dict:
+    """Rule object_halbench_questions: questions.jsonl ({id, image_id, image, query}, id = position) and the
+    ground truth of its images (instances.json, captions.json: COCO files cut to them) in
+    paths.object_halbench_dir. An image missing from the instances is an error naming the question's line."""
+    questions, instances_path, captions_path = object_halbench_sources(cfg)
+    instances = read_json(instances_path)
+    images = {image["id"]: image for image in instances["images"]}
+    for number, q in enumerate(questions, 1):
+        if q["image_id"] not in images:
+            where = (f"{cfg.data.sources.object_halbench.questions}:{number}" if paths.released_object_halbench(cfg)
+                     else f"question {number}")
+            raise InputError(f"{where}: image {q['image_id']} is not in {instances_path}")
+    unknown = sorted({q["prompt"] for q in questions} - set(object_halbench.PROMPTS))
+    if paths.released_object_halbench(cfg) and unknown:
+        log.warning("%d prompt(s) of the question file are not among the paper's eight: %s", len(unknown), unknown)
+    ids = {q["image_id"] for q in questions}
+    files = paths.object_halbench_files(cfg)
+    captions = read_json(captions_path) if captions_path else {"images": [], "annotations": []}
+    write_json(files["instances"], coco_subset(instances, ids))
+    write_json(files["captions"], coco_subset(captions, ids))
+    rows = [{"id": n, "image_id": q["image_id"], "image": images[q["image_id"]]["file_name"], "query": q["prompt"]}
+            for n, q in enumerate(questions)]
+    write_jsonl(files["questions"], rows)
+    return {"questions": len(rows), "images": len(ids), "prompts": len({q["prompt"] for q in questions}),
+            "source": object_halbench_source(cfg)}
+
+
+def object_halbench_decoding(cfg: DictConfig) -> dict:
+    o = cfg.eval.object_halbench
+    return decoding_kwargs(to_plain(o.generation), o.max_new_tokens)
+
+
+def object_halbench_answer_shard(cfg: DictConfig, k: int) -> None:
+    """Rule object_halbench_answers, shard `cfg.shard` of `cfg.shards`: model_k describes its run of whole batches
+    of the questions -> eval/shards/object_halbench_answers.<i>-of-<n>.jsonl, resumable."""
+    files = paths.object_halbench_files(cfg)
+    queries = read_jsonl(files["questions"], required=("id", "image_id", "image", "query"))
+    model_path = paths.model_dir(cfg, k)
+    fingerprint = input_fingerprint(to_plain(cfg), [model_path, files["questions"]])
+    positions = shard_range(len(queries), cfg.eval.batch_size, cfg.shard, cfg.shards)
+    target = shard_file(paths.object_halbench_answers(cfg, k), cfg.shard, cfg.shards)
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
+    rows = answer_queries(model, processor, queries, cfg.data.eval_images, object_halbench_decoding(cfg),
+                          cfg.eval.batch_size, cfg.eval.seed, positions, resume=(target, fingerprint),
+                          desc="object halbench")
+    log.info("round %d: shard %d of %d, %d Object HalBench descriptions -> %s", k, cfg.shard, cfg.shards, len(rows),
+             target)
+
+
+def evaluate_object_halbench(cfg: DictConfig, rows: list[dict], model: str) -> dict:
+    """object_halbench.json's content: the response- and mention-level hallucination rates
+    (halludpo.metrics.object_halbench.score, our CHAIR object finder) with the protocol."""
+    o = cfg.eval.object_halbench
+    files = paths.object_halbench_files(cfg)
+    questions = read_jsonl(files["questions"], required=("id", "image_id", "image", "query"))
+    if [r["id"] for r in rows] != [q["id"] for q in questions]:
+        raise InputError(f"the Object HalBench descriptions hold {len(rows)} ids, {files['questions']} "
+                         f"{len(questions)}: rerun rule object_halbench_answers")
+    scorer = object_scorer(cfg)
+    has_captions = bool(read_json(files["captions"])["annotations"])  # none on the toy world
+    truth = ground_truth_from_coco(files["instances"], files["captions"] if has_captions else None, scorer)
+    records = [{"image_id": q["image_id"], "response": r["response"]} for q, r in zip(questions, rows)]
+    result = object_halbench.score(records, truth, scorer, distinct_words=o.mentions == "distinct")
+    image_ids = [q["image_id"] for q in questions]
+    prompts = [q["query"] for q in questions]
+    result["protocol"] = {
+        "questions": object_halbench_source(cfg),
+        "questions_sha256": sha256_file(files["questions"]),
+        "prompts": {prompt: prompts.count(prompt) for prompt in sorted(set(prompts))},
+        "decoding": object_halbench_decoding(cfg),
+        "n_images": len(image_ids),
+        "image_ids_sha256": sha256_json(image_ids),
+        "images": str(cfg.data.eval_images),
+        "ground_truth": "instances" + (" + captions" if has_captions else ""),
+        "instances_sha256": sha256_file(files["instances"]),
+        "objects": "rule-based: halludpo's CHAIR object finder (data.vocabulary, data.compounds, "
+                   "eval.chair.text_pipeline); RLHF-V's reported numbers use a judge to list the objects",
+        "mentions": result["metrics"]["mentions"],
+        "text_pipeline": scorer.pipeline.name,
+        "model": model,
+        "config": to_plain(o),
+        "versions": package_versions(),
+    }
+    return result
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,9 +500,13 @@ def run(cfg: DictConfig) -> None:
     if cfg.step == "amber_questions":
         log.info("AMBER files -> %s: %s", paths.amber_dir(cfg), write_amber_questions(cfg))
         return
-    if cfg.step not in ("main", "answers", "amber_answers"):
-        raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, amber_questions, answers, amber_answers, "
-                         "main")
+    if cfg.step == "object_halbench_questions":
+        log.info("Object HalBench questions -> %s: %s", paths.object_halbench_dir(cfg),
+                 write_object_halbench_questions(cfg))
+        return
+    if cfg.step not in ("main", "answers", "amber_answers", "object_halbench_answers"):
+        raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, amber_questions, object_halbench_questions, "
+                         "answers, amber_answers, object_halbench_answers, main")
     k = cfg.round
     answers_file = paths.pope_json(cfg, k).with_name("pope_answers.jsonl")
     if cfg.step == "answers":
@@ -368,6 +514,9 @@ def run(cfg: DictConfig) -> None:
         return
     if cfg.step == "amber_answers":
         amber_answer_shard(cfg, k)
+        return
+    if cfg.step == "object_halbench_answers":
+        object_halbench_answer_shard(cfg, k)
         return
     benchmarks = list(cfg.eval.benchmarks)
     model = str(paths.model_dir(cfg, k))
@@ -400,6 +549,14 @@ def run(cfg: DictConfig) -> None:
         write_json(paths.amber_json(cfg, k), amber)
         said.append("AMBER " + ", ".join(f"{key} {value:.3f}" for key, value in amber_headline(amber).items()
                                          if value is not None))
+    if "object_halbench" in benchmarks:
+        rows = read_shards(shard_files(paths.object_halbench_answers(cfg, k), cfg.object_halbench_shards),
+                           required=AMBER_ROW_FIELDS)
+        objhal = evaluate_object_halbench(cfg, rows, model)
+        objhal["round"] = k
+        write_json(paths.object_halbench_json(cfg, k), objhal)
+        m = objhal["metrics"]
+        said.append(f"Object HalBench response {m['response_hall']:.3f} mention {m['mention_hall']:.3f}")
     write_lmms_layout(cfg, k, samples, amber, amber_rows)
     log.info("round %d %s", k, " | ".join(said))
 

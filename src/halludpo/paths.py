@@ -130,6 +130,35 @@ def amber_images(cfg: DictConfig) -> Path:
     return Path(cfg.data.sources.amber.images) if released_amber(cfg) else Path(cfg.data.eval_images)
 
 
+def released_object_halbench(cfg: DictConfig) -> bool:
+    """Object HalBench's questions come from RLHF-V's question file (data.sources.object_halbench), not the toy
+    eval split."""
+    return OmegaConf.select(cfg, "data.sources.object_halbench") is not None
+
+
+def object_halbench_dir(cfg: DictConfig) -> Path:
+    """Where rule object_halbench_questions writes the questions and their images' ground truth
+    (results/data/<data.name>/object_halbench/)."""
+    return Path(cfg.paths.data_dir) / "object_halbench"
+
+
+def object_halbench_files(cfg: DictConfig) -> dict[str, Path]:
+    """questions.jsonl ({id, image_id, image, query}) and the COCO-format ground truth of its images."""
+    folder = object_halbench_dir(cfg)
+    return {"questions": folder / "questions.jsonl", "instances": folder / "instances.json",
+            "captions": folder / "captions.json"}
+
+
+def object_halbench_json(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "object_halbench.json"
+
+
+def object_halbench_answers(cfg: DictConfig, k: int) -> Path:
+    """model_k's Object HalBench descriptions, gathered by rule evaluate from the object_halbench_answers shards
+    (eval/shards/object_halbench_answers.<i>-of-<n>.jsonl); only the shard files are written."""
+    return round_dir(cfg, k) / "eval" / "object_halbench_answers.jsonl"
+
+
 def chair_image_ids(cfg: DictConfig) -> Path:
     return Path(cfg.paths.data_dir) / "chair_image_ids.json"
 

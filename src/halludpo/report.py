@@ -4,7 +4,8 @@
 
 summary.json: {"experiment", "rounds": [{"round", "model", "chair": {chair_s, chair_i, recall, len},
 "pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}, "amber": {chair, cover, hal, cog, accuracy, f1,
-amber_score}, "train": train_stats.json without timings}]}, a benchmark's block only when eval.benchmarks names it;
+amber_score}, "object_halbench": {response_hall, mention_hall, chair_s, recall, avg_words}, "train": train_stats.json
+without timings}]}, a benchmark's block only when eval.benchmarks names it;
 fractions in 0-1. No timings (they are in the rule benchmarks): the same config gives the same bytes.
 
 training_curves.png (round_<k>/train/, one per trained round): loss, reward margin and reward accuracy against the
@@ -29,6 +30,7 @@ from halludpo import paths
 from halludpo.config import stage_main, to_plain
 from halludpo.io import atomic_path, read_json, read_jsonl, write_json, write_text
 from halludpo.metrics.amber import amber_headline
+from halludpo.metrics.object_halbench import HEADLINE_KEYS as OBJECT_HALBENCH_KEYS
 from halludpo.tracking import NOT_LOGGED, TrackingError, log_experiment, run_identity, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
 def summary_row(k: int, model: str, chair_path: str | Path | None, pope_path: str | Path | None,
-                amber_path: str | Path | None = None) -> dict:
+                amber_path: str | Path | None = None, object_halbench_path: str | Path | None = None) -> dict:
     """One model's row from its result files (None: that benchmark did not run)."""
     row: dict = {"round": k, "model": model}
     n_images = {}
@@ -61,13 +63,18 @@ def summary_row(k: int, model: str, chair_path: str | Path | None, pope_path: st
         row["amber_protocol"] = {key: amber["protocol"][key] for key in ("noun_pipeline", "answer_rule")} | {
             "matcher": amber["protocol"]["matcher"]["name"]}
         n_images["amber"] = amber["metrics"]["generative"]["n_responses"] if amber["metrics"]["generative"] else 0
+    if object_halbench_path is not None:
+        objhal = read_json(object_halbench_path)
+        row["object_halbench"] = {key: objhal["metrics"][key] for key in OBJECT_HALBENCH_KEYS}
+        n_images["object_halbench"] = objhal["protocol"]["n_images"]
     row["n_images"] = n_images
     return row
 
 
 def result_paths(cfg: DictConfig, k: int) -> dict[str, Path | None]:
     """model_k's result file per benchmark (None for a benchmark eval.benchmarks leaves out)."""
-    files = {"chair": paths.chair_json(cfg, k), "pope": paths.pope_json(cfg, k), "amber": paths.amber_json(cfg, k)}
+    files = {"chair": paths.chair_json(cfg, k), "pope": paths.pope_json(cfg, k), "amber": paths.amber_json(cfg, k),
+             "object_halbench": paths.object_halbench_json(cfg, k)}
     return {name: (path if name in cfg.eval.benchmarks else None) for name, path in files.items()}
 
 
@@ -79,8 +86,8 @@ def training_curve(train_log: Path) -> list[dict]:
 
 
 def plot_rounds(summary: dict, out: Path) -> None:
-    """CHAIR_s, CHAIR_i, recall, POPE F1 (per split) and AMBER's CHAIR, Cover, F1 and score against the round, one
-    panel per benchmark that ran."""
+    """CHAIR_s, CHAIR_i, recall, POPE F1 (per split), AMBER's CHAIR, Cover, F1 and score, Object HalBench's two
+    rates and recall against the round, one panel per benchmark that ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +105,9 @@ def plot_rounds(summary: dict, out: Path) -> None:
     if rows and "amber" in rows[0]:
         lines["AMBER"] = [(label, [r["amber"][key] for r in rows]) for key, label in AMBER_PLOTTED
                           if all(r["amber"][key] is not None for r in rows)]
+    if rows and "object_halbench" in rows[0]:
+        lines["Object HalBench"] = [(label, [r["object_halbench"][key] for r in rows])
+                                    for key, label in OBJECT_HALBENCH_COLUMNS[:3]]
     fig, axes = plt.subplots(1, max(len(lines), 1), figsize=(5 * max(len(lines), 1), 4), squeeze=False)
     for ax, (title, series) in zip(axes[0], lines.items()):
         for label, values in series:
@@ -195,12 +205,15 @@ def build_summary(experiment: str, rows: list[dict]) -> dict:
 
 AMBER_COLUMNS = (("chair", "AMBER CHAIR"), ("cover", "AMBER Cover"), ("hal", "AMBER Hal"), ("cog", "AMBER Cog"),
                  ("accuracy", "AMBER acc"), ("f1", "AMBER F1"), ("amber_score", "AMBER score"))
+OBJECT_HALBENCH_COLUMNS = (("response_hall", "ObjHal response"), ("mention_hall", "ObjHal mention"),
+                           ("recall", "ObjHal recall"))
 AMBER_PLOTTED = (("chair", "AMBER CHAIR"), ("cover", "Cover"), ("f1", "discriminative F1"),
                  ("amber_score", "AMBER score"))
 
 
 def markdown_table(summary: dict) -> str:
-    """One line per round: CHAIR's columns, POPE F1 per split, AMBER's column group (the benchmarks that ran)."""
+    """One line per round: CHAIR's columns, POPE F1 per split, AMBER's and Object HalBench's column groups (the
+    benchmarks that ran)."""
     rows = summary["rounds"]
     first = rows[0] if rows else {}
     splits = list(first.get("pope", {}))
@@ -210,6 +223,8 @@ def markdown_table(summary: dict) -> str:
     head += [f"POPE {s} F1" for s in splits]
     if "amber" in first:
         head += [label for _, label in AMBER_COLUMNS]
+    if "object_halbench" in first:
+        head += [label for _, label in OBJECT_HALBENCH_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["round"])]
@@ -219,6 +234,8 @@ def markdown_table(summary: dict) -> str:
         cells += [f"{r['pope'][s]['f1']:.3f}" for s in splits]
         if "amber" in first:
             cells += ["" if r["amber"][key] is None else f"{r['amber'][key]:.3f}" for key, _ in AMBER_COLUMNS]
+        if "object_halbench" in first:
+            cells += [f"{r['object_halbench'][key]:.3f}" for key, _ in OBJECT_HALBENCH_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

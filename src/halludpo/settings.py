@@ -35,7 +35,7 @@ WIN_RULES = ("context_coherent", "new_objects", "factual")         # halludpo.se
 TOY_VERIFIER_KINDS = ("cnn", "features", "mlp")                    # halludpo.verifiers.KINDS
 DETECTOR_DTYPES = ("float32", "float16", "bfloat16")               # halludpo.detectors.DTYPES
 POPE_SPLITS = ("random", "popular", "adversarial")                 # halludpo.metrics.pope.POPE_SPLITS
-BENCHMARKS = ("chair", "pope", "amber")                            # halludpo.evaluate.BENCHMARKS
+BENCHMARKS = ("chair", "pope", "amber", "object_halbench")         # halludpo.evaluate.BENCHMARKS
 AMBER_ANSWER_RULES = ("amber", "first-word")                       # halludpo.metrics.amber.ANSWER_RULES
 AMBER_NOUN_PIPELINES = ("auto", "nltk", "offline")                 # halludpo.metrics.amber.NOUN_PIPELINES
 AMBER_MATCHERS = ("auto", "spacy", "table", "offline")             # halludpo.metrics.amber.MATCHERS
@@ -184,6 +184,7 @@ SETTINGS: dict[str, Setting] = {
     "shard": integer(0),                              # and < shards (check_shard)
     "shards": COUNT,
     "amber_shards": COUNT,
+    "object_halbench_shards": COUNT,
     "gather": flag(),
     "parallel.shards.*": COUNT,
     "paths.*": text(),
@@ -297,6 +298,9 @@ SETTINGS: dict[str, Setting] = {
     "eval.amber.matcher": one_of(*AMBER_MATCHERS),
     "eval.amber.similarity_table": nullable(text()),
     "eval.amber.threshold": number(0, 1),
+    "eval.object_halbench.n_images": COUNT,           # toy world: <= data.splits.eval (check_toy_image_counts)
+    "eval.object_halbench.prompts": one_of("toy", "paper"),
+    "eval.object_halbench.mentions": one_of("every", "distinct"),
     "eval.judge.base_url": nullable(text()),         # null: no judge; judge-scored benchmarks refuse to run
     "eval.judge.model": text(),                       # pinned: a dated snapshot, recorded in every result
     "eval.judge.api_key_env": text(),                 # the NAME of the key's variable (halludpo.judge checks it)
@@ -505,6 +509,8 @@ def check_toy_image_counts(tree: Mapping) -> list[tuple[str, str]]:
         return []
     samples = [("eval.pope.n_images", "eval"), ("eval.amber.n_images", "eval"),
                ("method.generation.n_images", "unlabeled")]
+    if "object_halbench" in (lookup(tree, "eval.benchmarks") or ()):  # off by default: its 300 only when asked for
+        samples.append(("eval.object_halbench.n_images", "eval"))
     if lookup(tree, "eval.chair.image_ids_file") is None:
         samples.insert(0, ("eval.chair.n_images", "eval"))
     found = []
@@ -557,21 +563,24 @@ def check_pope_sources(tree: Mapping) -> list[tuple[str, str]]:
     return []
 
 
-def check_amber_sources(tree: Mapping) -> list[tuple[str, str]]:
-    """AMBER on real data reads its released files (data.sources.amber); only the toy world writes its own."""
+def check_released_sources(tree: Mapping) -> list[tuple[str, str]]:
+    """AMBER and Object HalBench on real data read their released files (data.sources.amber,
+    data.sources.object_halbench); only the toy world writes its own."""
     benchmarks, kind = lookup(tree, "eval.benchmarks"), lookup(tree, "data.kind")
-    if not isinstance(benchmarks, list) or "amber" not in benchmarks or kind in ("toy", None):
+    if not isinstance(benchmarks, list) or kind in ("toy", None):
         return []
-    if isinstance(lookup(tree, "data.sources.amber"), Mapping):
-        return []
-    return [problem("eval.benchmarks", benchmarks, f"names amber, but data.kind = {kind!r} has no AMBER files "
-                                                   "(data.sources.amber); drop amber or add them")]
+    found = []
+    for name, files in (("amber", "AMBER files"), ("object_halbench", "Object HalBench question file")):
+        if name in benchmarks and not isinstance(lookup(tree, f"data.sources.{name}"), Mapping):
+            found.append(problem("eval.benchmarks", benchmarks, f"names {name}, but data.kind = {kind!r} has no "
+                                                                f"{files} (data.sources.{name}); drop {name} or add them"))
+    return found
 
 
 CROSS_CHECKS: tuple[Callable[[Mapping], list[tuple[str, str]]], ...] = (
     check_round, check_shard, check_loss_contrast, check_method_select, check_mirror, check_image_prompts,
     check_contrast_areas,
-    check_world, check_toy_image_counts, check_arch, check_verifier_kinds, check_pope_sources, check_amber_sources,
+    check_world, check_toy_image_counts, check_arch, check_verifier_kinds, check_pope_sources, check_released_sources,
 )
 
 

@@ -1,7 +1,18 @@
+import json
+
 import pytest
 
+from halludpo.io import InputError
 from halludpo.metrics.chair import ChairScorer, coco_synonyms_path, load_synonyms
-from halludpo.metrics.object_halbench import GENERATION, N_IMAGES, PROMPTS, assign_prompts, score
+from halludpo.metrics.object_halbench import (
+    GENERATION,
+    N_IMAGES,
+    PROMPTS,
+    assign_prompts,
+    read_question_file,
+    rotate_prompts,
+    score,
+)
 from halludpo.metrics.text import OfflineTextPipeline
 
 
@@ -80,3 +91,45 @@ def test_assign_prompts_is_seeded():
     assert [row["image_id"] for row in first] == ids
     assert {row["prompt"] for row in first} == set(PROMPTS)  # 100 draws of 8: every prompt occurs
     assert first != assign_prompts(ids, seed=4)
+
+
+def question_line(image_id, question, **extra):
+    """A line of RLHF-V's question file (its keys; the inlined image is a stand-in string here)."""
+    return json.dumps({"org_idx": extra.pop("org_idx", 0), "image_id": image_id, "question": question,
+                       "image": "aGFsbHVkcG8="} | extra)
+
+
+def test_question_file_reads_image_ids_and_prompts_in_file_order(tmp_path):
+    path = tmp_path / "obj_halbench_300_with_image.jsonl"
+    path.write_text("\n".join([question_line(42, PROMPTS[1]), question_line("7", PROMPTS[0]), ""]) + "\n")
+    assert read_question_file(path) == [{"image_id": 42, "prompt": PROMPTS[1]}, {"image_id": 7, "prompt": PROMPTS[0]}]
+
+
+@pytest.mark.parametrize("second_line, message", [
+    ("{not json", "not a JSON line"),
+    (json.dumps({"image_id": 3}), "needs the keys image_id, question"),
+    (question_line(True, PROMPTS[0]), "image_id True is not a COCO image id"),
+    (question_line("COCO_3", PROMPTS[0]), "is not a COCO image id"),
+    (question_line(3, "  "), "the question is empty"),
+    (question_line(1, PROMPTS[2]), "image 1 is asked again (first on line 1)"),
+])
+def test_a_bad_question_line_is_named(tmp_path, second_line, message):
+    path = tmp_path / "questions.jsonl"
+    path.write_text(question_line(1, PROMPTS[0]) + "\n" + second_line + "\n")
+    with pytest.raises(InputError) as error:
+        read_question_file(path)
+    assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value)
+
+
+def test_an_empty_question_file_is_refused(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n")
+    with pytest.raises(InputError, match="no questions"):
+        read_question_file(path)
+
+
+def test_rotated_prompts_cycle_in_order():
+    rows = rotate_prompts(list(range(10, 21)))
+    assert [r["prompt"] for r in rows] == [PROMPTS[n % 8] for n in range(11)]
+    assert [r["image_id"] for r in rows] == list(range(10, 21))
+    assert [r["prompt"] for r in rotate_prompts([5, 6, 7], ("a", "b"))] == ["a", "b", "a"]

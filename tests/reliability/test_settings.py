@@ -119,7 +119,15 @@ BAD_COMBINATIONS = [
     (["eval.amber.generative.max_new_tokens=0"], "eval.amber.generative.max_new_tokens = 0"),
     (["parallel.shards.amber=0"], "parallel.shards.amber = 0"),
     (["experiment=apasi_llava15_7b", "~data.sources.amber"],                  # AMBER without its files
-     "eval.benchmarks = ['chair', 'pope', 'amber']"),
+     "eval.benchmarks = ['chair', 'pope', 'amber', 'object_halbench']: names amber"),
+    (["experiment=apasi_llava15_7b", "~data.sources.object_halbench"],        # Object HalBench without its file
+     "eval.benchmarks = ['chair', 'pope', 'amber', 'object_halbench']: names object_halbench"),
+    (["eval.benchmarks=[chair,object_halbench]", "eval.object_halbench.n_images=1001"],
+     "eval.object_halbench.n_images = 1001"),
+    (["eval.object_halbench.prompts=coco"], "eval.object_halbench.prompts = 'coco'"),
+    (["eval.object_halbench.mentions=unique"], "eval.object_halbench.mentions = 'unique'"),
+    (["eval.object_halbench.generation.num_beams=0"], "eval.object_halbench.generation.num_beams = 0"),
+    (["parallel.shards.object_halbench=0"], "parallel.shards.object_halbench = 0"),
 ]
 
 

@@ -1,5 +1,6 @@
 # eval.benchmarks picks what rule evaluate scores: chair (model_k's descriptions, rule generate), pope (rule
-# pope_answers), amber (rule amber_answers). It also writes eval/lmms_eval/ (lmms-eval's results layout).
+# pope_answers), amber (rule amber_answers), object_halbench (rule object_halbench_answers). It also writes
+# eval/lmms_eval/ (lmms-eval's results layout).
 BENCHMARKS = list(CFG.eval.benchmarks)
 from halludpo import lmms_results
 
@@ -111,6 +112,58 @@ rule amber_answers:
         + stage("evaluate", "amber_answers", **shard_settings(round="{wildcards.k}", step="amber_answers"))
         + " > {log} 2>&1"
 
+# Object HalBench's questions and the ground truth of their images: RLHF-V's question file with COCO's val2014
+# annotations (data.sources.object_halbench, after their downloads), or eval.object_halbench.n_images toy eval images.
+RELEASED_OBJECT_HALBENCH = paths.released_object_halbench(CFG)
+OBJECT_HALBENCH_FILES = {name: str(f) for name, f in paths.object_halbench_files(CFG).items()}
+OBJECT_HALBENCH_JSON = str(EXP / "round_{k}" / "eval" / "object_halbench.json")  # shards: eval/shards/object_halbench_answers.*
+
+if "object_halbench" in BENCHMARKS:
+
+    rule object_halbench_questions:
+        """Object HalBench's questions ({id, image_id, image, query}) and its images' COCO ground truth, cut from
+        the annotations."""
+        input:
+            code=code("evaluate"),
+            sources=(download.marker_paths(CFG.download, CFG.data.sources.object_halbench.downloads)
+                     if RELEASED_OBJECT_HALBENCH else [CFG.data.eval_instances, str(paths.data_done(CFG))]),
+        output:
+            **OBJECT_HALBENCH_FILES,
+        params:
+            config=subtree("eval.object_halbench.n_images", "eval.object_halbench.prompts", "eval.seed",
+                           "data.sources.object_halbench", "data.eval_captions"),
+        conda:
+            CONDA_ENV
+        log:
+            RESULTS / "logs" / f"object_halbench_questions_{CFG.data.name}.log",
+        shell:
+            stage("evaluate", "object_halbench_questions", step="object_halbench_questions") + " > {log} 2>&1"
+
+    rule object_halbench_answers:
+        """Object HalBench by model_k, shard {i} of {n}: a detailed description per question (its prompt, the
+        benchmark's decoding: eval.object_halbench.generation)."""
+        input:
+            code=code("evaluate"),
+            questions=OBJECT_HALBENCH_FILES["questions"],
+            model=model_marker,
+        output:
+            str(EXP / "round_{k}" / "eval" / "shards" / "object_halbench_answers.{i}-of-{n}.jsonl"),
+        params:
+            config=subtree("eval.object_halbench.generation", "eval.object_halbench.max_new_tokens",
+                           "eval.batch_size", "eval.seed"),
+        threads: workflow.cores
+        conda:
+            CONDA_ENV
+        log:
+            EXP / "logs" / "object_halbench_answers_{i}-of-{n}_r{k}.log",
+        benchmark:
+            EXP / "benchmarks" / "object_halbench_answers_{i}-of-{n}_r{k}.tsv"
+        shell:
+            "OMP_NUM_THREADS={threads} "
+            + stage("evaluate", "object_halbench_answers",
+                    **shard_settings(round="{wildcards.k}", step="object_halbench_answers"))
+            + " > {log} 2>&1"
+
 
 def evaluate_inputs():
     """Rule evaluate's inputs, by eval.benchmarks."""
@@ -124,6 +177,11 @@ def evaluate_inputs():
         inputs["amber"] = AMBER_INPUTS
         inputs["amber_generative"] = gathered_shards(AMBER_JSON, "amber", "amber_generative")
         inputs["amber_discriminative"] = gathered_shards(AMBER_JSON, "amber", "amber_discriminative")
+    if "object_halbench" in BENCHMARKS:
+        inputs["object_halbench"] = [OBJECT_HALBENCH_FILES["questions"], OBJECT_HALBENCH_FILES["instances"],
+                                     OBJECT_HALBENCH_FILES["captions"]]
+        inputs["object_halbench_answers"] = gathered_shards(OBJECT_HALBENCH_JSON, "object_halbench",
+                                                            "object_halbench_answers")
     return inputs
 
 
@@ -146,6 +204,8 @@ def evaluate_outputs():
         outputs["samples"] = shown("pope_samples.jsonl", "pope_samples.rst")
     if "amber" in BENCHMARKS:
         outputs["amber"] = shown("amber.json", "amber.rst")
+    if "object_halbench" in BENCHMARKS:
+        outputs["object_halbench"] = shown("object_halbench.json", "object_halbench.rst")
     outputs["lmms_eval"] = shown("lmms_eval/results.json", "lmms_eval.rst")
     outputs["lmms_eval_samples"] = [str(EXP / "round_{k}" / "eval" / "lmms_eval" / f"samples_{task}.jsonl")
                                     for task in LMMS_EVAL_TASKS]
@@ -154,16 +214,19 @@ def evaluate_outputs():
 
 rule evaluate:
     """The metrics of eval.benchmarks: CHAIR on model_k's descriptions, POPE's on the pope_answers shards' answers,
-    AMBER's on the amber_answers shards'; lmms-eval's results layout of them."""
+    AMBER's on the amber_answers shards', Object HalBench's on the object_halbench_answers shards'; lmms-eval's
+    results layout of them."""
     input:
         **evaluate_inputs(),
     output:
         **evaluate_outputs(),
     params:
         config=subtree("eval.benchmarks", "data.vocabulary", "data.compounds", "data.eval_captions",
-                       "eval.chair.text_pipeline", "eval.pope", "eval.batch_size", "eval.amber", "eval.generation"),
+                       "eval.chair.text_pipeline", "eval.pope", "eval.batch_size", "eval.amber", "eval.generation",
+                       "eval.object_halbench"),
         shards=lambda w, input: len(input.get("answers", [])) or 1,
         amber_shards=lambda w, input: len(input.get("amber_generative", [])) or 1,
+        object_halbench_shards=lambda w, input: len(input.get("object_halbench_answers", [])) or 1,
     conda:
         CONDA_ENV
     log:
@@ -172,4 +235,5 @@ rule evaluate:
         EXP / "benchmarks" / "evaluate_r{k}.tsv"
     shell:
         stage("evaluate", "evaluate", round="{wildcards.k}", shards="{params.shards}",
-              amber_shards="{params.amber_shards}") + " > {log} 2>&1"
+              amber_shards="{params.amber_shards}", object_halbench_shards="{params.object_halbench_shards}")
+        + " > {log} 2>&1"

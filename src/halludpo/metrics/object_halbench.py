@@ -18,18 +18,23 @@ reported numbers come from a judge-assisted path instead (gpt-3.5-turbo-0613 lis
 which are then matched to the synonym table, each object name once per answer); docs/evaluation.md lists the
 differences.
 
-The question file (image ids and the prompt of each image, the images inlined) is
-eval/data/obj_halbench_300_with_image.jsonl of RLHF-V/RLHF-V, added in commit f0006b5aed74 (git blob
-cb8e15a81a1ddf720f306fda0decefb1ed80c31f, the same blob in RLHF-V/RLAIF-V). No sha256 of it is published and its
-content could not be fetched here to compute one, so configs/download/default.yaml has no entry for it yet.
+The question file (image ids and the prompt of each image, the images inlined as base64) is
+eval/data/obj_halbench_300_with_image.jsonl of RLHF-V/RLAIF-V at commit 83d917b2e811 (git blob
+cb8e15a81a1ddf720f306fda0decefb1ed80c31f, the blob RLHF-V/RLHF-V added in commit f0006b5aed74): 300 lines of
+{org_idx, image_id, question, image}. Its sha256 in configs/download/default.yaml (:data:`QUESTION_FILE`) was
+recorded by a third party after a full download; it could not be computed here (the file is not in the stored
+snapshot of the repository), so a mismatch names the file and both hashes.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from halludpo.io import InputError
 from halludpo.metrics.chair import ChairScorer, coco_synonyms_path, load_synonyms
 from halludpo.metrics.text import get_text_pipeline
 
@@ -54,12 +59,15 @@ N_IMAGES = 300
 # RLAIF-V's script/eval/eval_rlaifv_objhal.sh + muffin/eval/llava15_chair.py: temperature 0, 3 beams, 1,024 tokens.
 GENERATION: dict[str, Any] = {"do_sample": False, "num_beams": 3, "max_new_tokens": 1024}
 QUESTION_FILE = {
-    "repository": "RLHF-V/RLHF-V",
+    "repository": "RLHF-V/RLAIF-V",
     "path": "eval/data/obj_halbench_300_with_image.jsonl",
-    "commit": "f0006b5aed74c71e489c66e0a8c2f553a73dd95f",
-    "git_blob": "cb8e15a81a1ddf720f306fda0decefb1ed80c31f",
-    "sha256": None,  # not published, not computed: the file could not be fetched
+    "commit": "83d917b2e8118ca8e7877a796d72af9bb3e6b356",
+    "git_blob": "cb8e15a81a1ddf720f306fda0decefb1ed80c31f",  # also RLHF-V/RLHF-V's, added in f0006b5aed74
+    "bytes": 63_537_348,
+    "sha256": "e89c705f3cdebc35b7863878e059c88a97506767b87ad17014d58428ce6547a7",  # third party's, not computed here
 }
+QUESTION_KEYS = ("image_id", "question")  # of each line; org_idx and the inlined image are not read
+HEADLINE_KEYS = ("response_hall", "mention_hall", "chair_s", "recall", "avg_words")  # summary.json, MLflow
 
 
 def default_scorer(text_pipeline: str = "auto") -> ChairScorer:
@@ -75,6 +83,44 @@ def assign_prompts(image_ids: Sequence[Any], seed: int = 0) -> list[dict[str, An
     """
     rng = random.Random(seed)
     return [{"image_id": image_id, "prompt": rng.choice(PROMPTS)} for image_id in image_ids]
+
+
+def rotate_prompts(image_ids: Sequence[Any], prompts: Sequence[str] = PROMPTS) -> list[dict[str, Any]]:
+    """[{"image_id", "prompt"}]: the n-th image (in the given order) gets prompts[n % len(prompts)], so every prompt
+    is asked about as often as the others (give or take one)."""
+    return [{"image_id": image_id, "prompt": prompts[n % len(prompts)]} for n, image_id in enumerate(image_ids)]
+
+
+def read_question_file(path: str | Path) -> list[dict[str, Any]]:
+    """RLHF-V's question file -> [{"image_id": int, "prompt": str}] in file order.
+
+    One JSON object per line with :data:`QUESTION_KEYS` (other keys, the inlined image included, are not read).
+    A malformed line, a missing or empty key, a non-integer image id or an image asked twice raises InputError
+    naming the file and line."""
+    rows, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{where}: not a JSON line ({error.msg})") from None
+            if not isinstance(item, dict) or any(key not in item for key in QUESTION_KEYS):
+                raise InputError(f"{where}: an Object HalBench question needs the keys {', '.join(QUESTION_KEYS)}")
+            image_id, prompt = item["image_id"], item["question"]
+            if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) or not str(image_id).isdigit():
+                raise InputError(f"{where}: image_id {image_id!r} is not a COCO image id")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"{where}: the question is empty")
+            if int(image_id) in seen:
+                raise InputError(f"{where}: image {image_id} is asked again (first on line {seen[int(image_id)]})")
+            seen[int(image_id)] = number
+            rows.append({"image_id": int(image_id), "prompt": prompt})
+    if not rows:
+        raise InputError(f"{path}: no questions")
+    return rows
 
 
 def _fraction(numerator: float, denominator: float) -> float:
