@@ -15,6 +15,7 @@ import pytest
 
 from halludpo.shards import (BatchLog, batch_seed, finished_shard_count, input_fingerprint, run_batches, shard_file,
                              shard_files, shard_range)
+from halludpo.toyworld import DESCRIBE_PROMPTS
 from tests.test_pipeline import ROOT, TINY, job_counts, snakemake
 
 
@@ -173,24 +174,42 @@ def test_a_killed_generate_shard_resumes_from_its_partial_file(tiny_pipeline, tm
 
 
 @pytest.mark.slow
-def test_amber_answers_in_three_shards_give_the_unsharded_results(tiny_pipeline, tmp_path):
-    """rule amber_answers splits AMBER's descriptions and its questions each into whole batches: amber.json and the
-    lmms-eval files of 3 shards are the unsharded run's byte for byte, and every shard got both kinds of work."""
+def test_amber_and_object_halbench_answers_in_three_shards_give_the_unsharded_results(tiny_pipeline, tmp_path):
+    """rule amber_answers splits AMBER's descriptions and its questions each into whole batches, rule
+    object_halbench_answers its descriptions: amber.json, object_halbench.json and the lmms-eval files of 3 shards
+    are the unsharded run's byte for byte, and every shard got work."""
     one, three = tmp_path / "one", tmp_path / "three"
-    only_amber = TINY + ["eval.batch_size=2", "eval.benchmarks=[amber]"]  # 8 descriptions: 4 batches
-    target = "results/toy_apasi/round_0/eval/amber.json"
-    for workdir, overrides in ((one, only_amber), (three, only_amber + ["parallel.shards.amber=3"])):
+    overrides = TINY + ["eval.batch_size=2", "eval.benchmarks=[amber,object_halbench]",  # 8 + 6 descriptions
+                        "eval.object_halbench.n_images=6", "eval.object_halbench.max_new_tokens=24"]
+    targets = ["results/toy_apasi/round_0/eval/amber.json", "results/toy_apasi/round_0/eval/object_halbench.json"]
+    sharded = ["parallel.shards.amber=3", "parallel.shards.object_halbench=3"]
+    for workdir, settings in ((one, overrides), (three, overrides + sharded)):
         copy_base(tiny_pipeline, workdir)
-        result = snakemake(workdir, "--keep-going", target, overrides=overrides)  # a flag ends --config
+        result = snakemake(workdir, "--keep-going", *targets, overrides=settings)  # a flag ends --config
         assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stderr + result.stdout)
-    assert counts["amber_answers"] == 3 and "pope_answers" not in counts and "generate" not in counts, counts
+    assert counts["amber_answers"] == 3 and counts["object_halbench_answers"] == 3, counts
+    assert counts["object_halbench_questions"] == 1 and "pope_answers" not in counts and "generate" not in counts
     eval_one, eval_three = (w / "results" / "toy_apasi" / "round_0" / "eval" for w in (one, three))
-    for name in ("amber.json", "lmms_eval/results.json", "lmms_eval/samples_amber_g.jsonl",
+    for name in ("amber.json", "object_halbench.json", "lmms_eval/results.json", "lmms_eval/samples_amber_g.jsonl",
                  "lmms_eval/samples_amber_d.jsonl"):
         assert (eval_one / name).read_bytes() == (eval_three / name).read_bytes(), name
-    for task, total in (("generative", 8), ("discriminative", None)):
-        rows = [len(p.read_text().splitlines()) for p in shard_files(eval_three / f"amber_{task}.jsonl", 3)]
-        assert min(rows) > 0 and (total is None or sum(rows) == total), (task, rows)
+    for stem, total in (("amber_generative", 8), ("amber_discriminative", None), ("object_halbench_answers", 6)):
+        rows = [len(p.read_text().splitlines()) for p in shard_files(eval_three / f"{stem}.jsonl", 3)]
+        assert min(rows) > 0 and (total is None or sum(rows) == total), (stem, rows)
     assert list(json.loads((eval_three / "lmms_eval" / "results.json").read_text())["results"]) == ["amber_g",
                                                                                                   "amber_d"]
+    # Object HalBench on the toy world: 6 eval images, the toy describe prompts rotated (4 of them: 2, 2, 1, 1)
+    objhal = json.loads((eval_three / "object_halbench.json").read_text())
+    m, protocol = objhal["metrics"], objhal["protocol"]
+    assert m["n_responses"] == 6 and protocol["n_images"] == 6 and objhal["round"] == 0
+    assert sorted(protocol["prompts"].values()) == [1, 1, 2, 2] and set(protocol["prompts"]) <= set(DESCRIBE_PROMPTS)
+    assert protocol["decoding"] == {"max_new_tokens": 24, "do_sample": False, "num_beams": 3}
+    assert protocol["ground_truth"] == "instances" and protocol["questions"].startswith("toy eval split: 6 images")
+    # the rates recomputed from the items
+    items = objhal["items"]
+    mentions = sum(len(i["mentioned"]) for i in items)
+    assert m["n_mentions"] == mentions > 0
+    assert m["mention_hall"] == pytest.approx(sum(len(i["hallucinated"]) for i in items) / mentions)
+    with_objects = [i for i in items if i["mentioned"]]
+    assert m["response_hall"] == pytest.approx(sum(bool(i["hallucinated"]) for i in with_objects) / len(with_objects))

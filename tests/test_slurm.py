@@ -30,9 +30,9 @@ PROFILE = ROOT / "workflow" / "profiles" / "slurm"
 BIN = Path(sys.executable).parent
 # Rules that run a model get a GPU; the others none. Every rule in workflow/rules/ is in exactly one of the sets.
 GPU_RULES = {"pretrain_base", "generate", "inject", "sentinel", "contrast_embeddings", "reference_logps", "dpo",
-             "pope_answers", "amber_answers"}
-CPU_RULES = {"render", "prepare", "pope_questions", "amber_questions", "contrast", "mix_pairs", "train_verifiers",
-             "merge", "summarize", "compare", "download", "fetch_model", "verify", "evaluate", "gather_generate",
+             "pope_answers", "amber_answers", "object_halbench_answers"}
+CPU_RULES = {"render", "prepare", "pope_questions", "amber_questions", "object_halbench_questions", "contrast",
+             "mix_pairs", "train_verifiers", "merge", "summarize", "compare", "download", "fetch_model", "verify", "evaluate", "gather_generate",
              "inject_pairs", "sentinel_pairs", "gather_reference_logps"}
 # Sharded model rules (parallel.shards): one SLURM job per shard; the gather rules run on the submitting host.
 SHARDS_3 = ["parallel.shards.generate=3", "parallel.shards.inject=3", "parallel.shards.reference_logps=3",
@@ -88,13 +88,14 @@ def test_every_rule_is_classified_gpu_or_cpu():
 @pytest.mark.parametrize("experiment", ["toy_apasi", "toy_apasi_sentinel", "toy_symmpo"])
 def test_profile_dry_run_gives_gpus_to_model_rules_only(tmp_path, experiment):
     env = clean_env(HALLUDPO_SLURM_ACCOUNT="proj_x", HALLUDPO_SLURM_PARTITION="cpu_q")
-    plan = snakemake(tmp_path, "-n", "-p", "--profile", str(PROFILE), overrides=[f"experiment={experiment}"],
-                     env=env)
+    every_benchmark = ["eval.benchmarks=[chair,pope,amber,object_halbench]"] if experiment == "toy_apasi" else []
+    plan = snakemake(tmp_path, "-n", "-p", "--profile", str(PROFILE),
+                     overrides=[f"experiment={experiment}"] + every_benchmark, env=env)
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = planned_jobs(plan.stdout)
     expected = {"toy_apasi": {"render", "pretrain_base", "generate", "inject", "reference_logps", "dpo", "merge",
                               "evaluate", "pope_questions", "pope_answers", "amber_questions", "amber_answers",
-                              "summarize"},
+                              "object_halbench_questions", "object_halbench_answers", "summarize"},
                 "toy_apasi_sentinel": {"inject", "sentinel", "mix_pairs", "train_verifiers"},
                 "toy_symmpo": {"contrast_embeddings", "contrast"}}[experiment]
     assert expected <= jobs.keys(), jobs.keys()
