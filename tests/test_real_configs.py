@@ -56,6 +56,12 @@ def test_every_real_experiment_runs_on_coco_with_the_paper_protocol(name):
                   ) == ["coco2014_annotations", "coco2014_val_images", "object_halbench_questions"]
     o = cfg.eval.object_halbench
     assert (o.max_new_tokens, o.generation.num_beams, o.generation.do_sample, o.mentions) == (1024, 3, False, "every")
+    # MMHal-Bench, opt-in (judge calls cost money): its question file pinned, its images trusted on first use
+    assert "mmhal" not in cfg.eval.benchmarks and cfg.eval.judge.base_url is None
+    entry = cfg.download.entries.mmhal_template
+    assert "/RLHF-V/RLAIF-V/83d917b2e8118ca8e7877a796d72af9bb3e6b356/" in entry.url and len(entry.sha256) == 64
+    assert cfg.download.entries.mmhal_images.verify == "tofu" and "f5f49a938f45" in cfg.download.entries.mmhal_images.url
+    assert cfg.data.sources.mmhal.template == f"{root}/mmhal/mmhal-bench_answer_template.json"
     # the downloads prepare reads: COCO 2014 val + annotations, COCO 2017 train, detail-23k, OPERA's list, POPE
     markers = download.marker_paths(cfg.download, cfg.data.downloads)
     assert sorted(Path(m).stem for m in markers) == sorted([
@@ -153,11 +159,11 @@ def job_counts(text: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
-def dry_run(workdir: Path, experiment: str) -> subprocess.CompletedProcess:
+def dry_run(workdir: Path, experiment: str, *overrides: str) -> subprocess.CompletedProcess:
     """`snakemake -n --config overrides="[experiment=...]"` in an empty folder (a clean checkout: no files)."""
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = [str(Path(sys.executable).parent / "snakemake"), "-n", "-s", str(ROOT / "Snakefile"), "--directory",
-           str(workdir), "--config", f"overrides=[experiment={experiment}]"]
+           str(workdir), "--config", f"overrides=[{','.join([f'experiment={experiment}', *overrides])}]"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -198,3 +204,16 @@ def test_dry_run_plans_the_whole_dag_from_nothing(tmp_path, experiment):
     assert "results/data/coco/object_halbench/questions.jsonl" in out
     assert str(paths.model_marker(compose([f"experiment={experiment}"]), 0)) in out
     assert "llava-hf/" not in out and "Qwen/" not in out  # a hub id is never read as a path
+
+
+def test_dry_run_plans_mmhal_when_asked(tmp_path):
+    """MMHal-Bench on a paper experiment: its answers per round on a GPU, the judge's ratings, its two downloads."""
+    result = dry_run(tmp_path, "symmpo_llava15_7b", "eval.benchmarks=[chair,pope,amber,object_halbench,mmhal]",
+                     "eval.judge.base_url=https://judge.example/v1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    counts = job_counts(out)
+    expected = EXPECTED_JOBS["symmpo_llava15_7b"]
+    assert counts["mmhal_answers"] == 3 and counts["mmhal_judge"] == 3  # model_0..2, one shard each
+    assert counts["download"] == expected["download"] + 2 and counts["total"] == sum(expected.values()) + 8
+    assert "results/downloads/done/mmhal_images.json" in out and "results/symmpo_llava15_7b/round_2/eval/mmhal.json" in out

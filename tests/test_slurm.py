@@ -30,10 +30,10 @@ PROFILE = ROOT / "workflow" / "profiles" / "slurm"
 BIN = Path(sys.executable).parent
 # Rules that run a model get a GPU; the others none. Every rule in workflow/rules/ is in exactly one of the sets.
 GPU_RULES = {"pretrain_base", "generate", "inject", "sentinel", "contrast_embeddings", "reference_logps", "dpo",
-             "pope_answers", "amber_answers", "object_halbench_answers"}
+             "pope_answers", "amber_answers", "object_halbench_answers", "mmhal_answers"}
 CPU_RULES = {"render", "prepare", "pope_questions", "amber_questions", "object_halbench_questions", "contrast",
              "mix_pairs", "train_verifiers", "merge", "summarize", "compare", "download", "fetch_model", "verify", "evaluate", "gather_generate",
-             "inject_pairs", "sentinel_pairs", "gather_reference_logps"}
+             "inject_pairs", "sentinel_pairs", "gather_reference_logps", "mmhal_judge"}
 # Sharded model rules (parallel.shards): one SLURM job per shard; the gather rules run on the submitting host.
 SHARDS_3 = ["parallel.shards.generate=3", "parallel.shards.inject=3", "parallel.shards.reference_logps=3",
             "parallel.shards.evaluate=3", "parallel.shards.amber=3"]

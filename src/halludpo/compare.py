@@ -53,6 +53,8 @@ def comparison_rows(summary_paths: list[str | Path]) -> list[dict]:
                 row |= {f"amber_{key}": r["amber"][key] for key in AMBER_KEYS}
             if "object_halbench" in r:
                 row |= {f"objhal_{key}": r["object_halbench"][key] for key in OBJECT_HALBENCH_KEYS}
+            if "mmhal" in r:
+                row |= {f"mmhal_{key}": r["mmhal"][key] for key in ("average_score", "hallucination_rate")}
             row["wall_seconds"] = round_wall_seconds(Path(path).parent, r["round"])
             rows.append(row)
     return rows
@@ -71,7 +73,8 @@ def to_markdown(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     names = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "wall_seconds": "wall s", "amber_chair": "AMBER CHAIR",
              "amber_f1": "AMBER F1", "amber_amber_score": "AMBER score", "objhal_response_hall": "ObjHal response",
-             "objhal_mention_hall": "ObjHal mention"}
+             "objhal_mention_hall": "ObjHal mention", "mmhal_average_score": "MMHal score",
+             "mmhal_hallucination_rate": "MMHal hal rate"}
     head = [names.get(c, c.replace("pope_", "POPE ").replace("_f1", " F1")) for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

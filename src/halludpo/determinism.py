@@ -4,8 +4,10 @@ PyTorch's CPU build picks its kernels by what the processor offers: ATen's vecto
 width, so a different summation order in reductions, softmax and norms), MKL's GEMM code path (per instruction set
 and per vendor) and oneDNN's ISA. Two machines of one kind can therefore train different toy models from the same
 config. Pinning all three at the AVX2 level -- which every x86-64 server CPU of the last ten years has, Intel and
-AMD alike -- makes the kernels the same on every such machine; the thread count is fixed by the rules as well
+AMD alike -- makes the kernel level the same on every such machine; the thread count is fixed by the rules as well
 (OMP_NUM_THREADS = the rule's threads, MKL_DYNAMIC/OMP_DYNAMIC off), because it decides how reductions are split.
+Measured: the same model_0 on AMD EPYC machines under any requested level, another one on an Intel Xeon (MKL's
+vendor-specific paths are the likely rest: docs/findings.md).
 
 The variables are read when torch (and MKL) load, so they must be in the environment before `import torch`:
 the Snakefile exports them in every stage's command, and importing halludpo sets them when torch is not loaded yet.

@@ -9,6 +9,9 @@ descriptions and yes/no questions) and Object HalBench (detailed descriptions); 
     python -m halludpo.evaluate round=0 step=object_halbench_answers shard=0 shards=2   # rule object_halbench_answers
     python -m halludpo.evaluate round=0 shards=4 amber_shards=4 object_halbench_shards=2   # rule evaluate:
                                                     # chair.json, pope.json, amber.json, object_halbench.json
+    python -m halludpo.evaluate round=0 step=mmhal_answers shard=0 shards=1   # rule mmhal_answers
+    python -m halludpo.evaluate round=0 step=mmhal_estimate   # the judge's calls, tokens and cost; nothing sent
+    python -m halludpo.evaluate round=0 step=mmhal_judge      # rule mmhal_judge: mmhal.json (the judge's ratings)
                                                     # (+ per-sample JSONL) and lmms_eval/ (lmms-eval's layout)
 
 Every result file carries its full protocol (prompt, decoding, max_new_tokens, image ids and their hash, question
@@ -38,7 +41,8 @@ from halludpo.io import (
 )
 from halludpo.lmms_results import amber_tasks, pope_tasks, write_lmms_eval
 from halludpo.metrics.amber import amber_headline, load_amber, load_queries, score_amber
-from halludpo.metrics import object_halbench
+from halludpo.judge import Judge, JudgeError
+from halludpo.metrics import mmhal, object_halbench
 from halludpo.metrics.chair import COCO_COMPOUNDS, ChairScorer, ground_truth_from_coco, load_synonyms
 from halludpo.metrics.pope import PARSE_DESCRIPTIONS, build_questions, parse_answer, pope_metrics
 from halludpo.metrics.text import get_text_pipeline
@@ -57,7 +61,7 @@ log = logging.getLogger(__name__)
 
 GENERATION_FIELDS = ("image_id", "image_path", "prompt", "response", "model", "round", "sampling")
 QUESTION_FIELDS = ("question_id", "image_id", "file_name", "object", "label", "text")
-BENCHMARKS = ("chair", "pope", "amber", "object_halbench")  # eval.benchmarks
+BENCHMARKS = ("chair", "pope", "amber", "object_halbench", "mmhal")  # eval.benchmarks
 AMBER_TASKS = ("generative", "discriminative")
 AMBER_ROW_FIELDS = ("id", "image", "query", "response")
 
@@ -444,6 +448,77 @@ def evaluate_object_halbench(cfg: DictConfig, rows: list[dict], model: str) -> d
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# MMHal-Bench (judge-scored)
+
+
+def mmhal_records(cfg: DictConfig) -> list[dict]:
+    """MMHal-Bench's questions (data.sources.mmhal.template), in file order: the list the mmhal_answers shards
+    split."""
+    return mmhal.read_template(cfg.data.sources.mmhal.template)
+
+
+def mmhal_decoding(cfg: DictConfig) -> dict:
+    """Greedy, at most eval.mmhal.max_new_tokens (MMHal-Bench's get_response.py leaves decoding to the model)."""
+    return decoding_kwargs({}, cfg.eval.mmhal.max_new_tokens)
+
+
+def mmhal_answer_shard(cfg: DictConfig, k: int) -> None:
+    """Rule mmhal_answers, shard `cfg.shard` of `cfg.shards`: model_k answers its run of whole batches of the
+    questions about their images -> eval/shards/mmhal_answers.<i>-of-<n>.jsonl, resumable."""
+    records = mmhal_records(cfg)
+    images = Path(cfg.data.sources.mmhal.images)
+    queries = [{"id": n, "image": mmhal.image_file(r), "query": r["question"]} for n, r in enumerate(records)]
+    missing = [q["image"] for q in queries if not (images / q["image"]).is_file()]
+    if missing:
+        raise InputError(f"{images}: {len(missing)} MMHal-Bench image(s) missing, first {missing[0]}")
+    model_path = paths.model_dir(cfg, k)
+    fingerprint = input_fingerprint(to_plain(cfg), [model_path, cfg.data.sources.mmhal.template])
+    positions = shard_range(len(queries), cfg.eval.batch_size, cfg.shard, cfg.shards)
+    target = shard_file(paths.mmhal_answers(cfg, k), cfg.shard, cfg.shards)
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
+    rows = answer_queries(model, processor, queries, images, mmhal_decoding(cfg), cfg.eval.batch_size,
+                          cfg.eval.seed, positions, resume=(target, fingerprint), desc="mmhal")
+    log.info("round %d: shard %d of %d, %d MMHal-Bench answers -> %s", k, cfg.shard, cfg.shards, len(rows), target)
+
+
+def mmhal_answered(cfg: DictConfig, k: int) -> list[dict]:
+    """The benchmark's records with model_k's answers (model_answer) from the mmhal_answers shards."""
+    records = mmhal_records(cfg)
+    rows = read_shards(shard_files(paths.mmhal_answers(cfg, k), cfg.mmhal_shards), required=AMBER_ROW_FIELDS)
+    if [r["id"] for r in rows] != list(range(len(records))):
+        raise InputError(f"the MMHal-Bench answers hold {len(rows)} ids, {cfg.data.sources.mmhal.template} "
+                         f"{len(records)} questions: rerun rule mmhal_answers")
+    return [record | {"model_answer": row["response"]} for record, row in zip(records, rows)]
+
+
+def mmhal_judge(cfg: DictConfig, k: int, send: bool = True) -> dict | None:
+    """Rule mmhal_judge: the estimate of the judge's calls, tokens and cost (logged before any call), then the
+    ratings (halludpo.metrics.mmhal.evaluate; cached replies are not sent again) -> mmhal.json. With send=False
+    only the estimate. A missing key or endpoint, or a judge that keeps failing, is one InputError line."""
+    records = mmhal_answered(cfg, k)
+    try:
+        judge = Judge.from_config(to_plain(cfg.eval.judge))
+        estimate = mmhal.estimate(records, judge)
+        log.info("round %d: MMHal-Bench, %s", k, estimate.line())
+        if not send:
+            return None
+        if estimate.to_send:
+            judge.check()
+        result = mmhal.evaluate(records, judge)
+    except JudgeError as error:
+        raise InputError(f"MMHal-Bench judge: {error}") from None
+    template = cfg.data.sources.mmhal.template
+    result["protocol"] |= {"template": str(template), "template_sha256": sha256_file(template),
+                           "images": str(cfg.data.sources.mmhal.images), "decoding": mmhal_decoding(cfg),
+                           "estimate": {"calls": estimate.calls, "cached": estimate.cached,
+                                        "input_tokens": estimate.input_tokens, "output_tokens": estimate.output_tokens,
+                                        "cost_usd": round(estimate.cost, 6), "method": estimate.method},
+                           "model": str(paths.model_dir(cfg, k)), "versions": package_versions()}
+    result["round"] = k
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # lmms-eval's results layout
 
 
@@ -504,9 +579,11 @@ def run(cfg: DictConfig) -> None:
         log.info("Object HalBench questions -> %s: %s", paths.object_halbench_dir(cfg),
                  write_object_halbench_questions(cfg))
         return
-    if cfg.step not in ("main", "answers", "amber_answers", "object_halbench_answers"):
+    steps = ("main", "answers", "amber_answers", "object_halbench_answers", "mmhal_answers", "mmhal_estimate",
+             "mmhal_judge")
+    if cfg.step not in steps:
         raise ValueError(f"step={cfg.step!r}; evaluate knows: questions, amber_questions, object_halbench_questions, "
-                         "answers, amber_answers, object_halbench_answers, main")
+                         f"{', '.join(steps)}")
     k = cfg.round
     answers_file = paths.pope_json(cfg, k).with_name("pope_answers.jsonl")
     if cfg.step == "answers":
@@ -517,6 +594,17 @@ def run(cfg: DictConfig) -> None:
         return
     if cfg.step == "object_halbench_answers":
         object_halbench_answer_shard(cfg, k)
+        return
+    if cfg.step == "mmhal_answers":
+        mmhal_answer_shard(cfg, k)
+        return
+    if cfg.step in ("mmhal_estimate", "mmhal_judge"):
+        result = mmhal_judge(cfg, k, send=cfg.step == "mmhal_judge")
+        if result is not None:
+            write_json(paths.mmhal_json(cfg, k), result)
+            m = result["metrics"]
+            log.info("round %d MMHal-Bench average %.2f, hallucination rate %.3f (%d unparsed) -> %s", k,
+                     m["average_score"], m["hallucination_rate"], m["n_unparsed"], paths.mmhal_json(cfg, k))
         return
     benchmarks = list(cfg.eval.benchmarks)
     model = str(paths.model_dir(cfg, k))

@@ -159,6 +159,16 @@ def object_halbench_answers(cfg: DictConfig, k: int) -> Path:
     return round_dir(cfg, k) / "eval" / "object_halbench_answers.jsonl"
 
 
+def mmhal_json(cfg: DictConfig, k: int) -> Path:
+    return round_dir(cfg, k) / "eval" / "mmhal.json"
+
+
+def mmhal_answers(cfg: DictConfig, k: int) -> Path:
+    """model_k's MMHal-Bench answers, gathered by rule mmhal_judge from the mmhal_answers shards
+    (eval/shards/mmhal_answers.<i>-of-<n>.jsonl); only the shard files are written."""
+    return round_dir(cfg, k) / "eval" / "mmhal_answers.jsonl"
+
+
 def chair_image_ids(cfg: DictConfig) -> Path:
     return Path(cfg.paths.data_dir) / "chair_image_ids.json"
 

@@ -4,8 +4,9 @@
 
 summary.json: {"experiment", "rounds": [{"round", "model", "chair": {chair_s, chair_i, recall, len},
 "pope": {<split>: {accuracy, precision, recall, f1, yes_ratio}}, "amber": {chair, cover, hal, cog, accuracy, f1,
-amber_score}, "object_halbench": {response_hall, mention_hall, chair_s, recall, avg_words}, "train": train_stats.json
-without timings}]}, a benchmark's block only when eval.benchmarks names it;
+amber_score}, "object_halbench": {response_hall, mention_hall, chair_s, recall, avg_words}, "mmhal": {average_score,
+hallucination_rate}, "train": train_stats.json without timings}]}, a benchmark's block only when eval.benchmarks
+names it;
 fractions in 0-1. No timings (they are in the rule benchmarks): the same config gives the same bytes.
 
 training_curves.png (round_<k>/train/, one per trained round): loss, reward margin and reward accuracy against the
@@ -37,10 +38,12 @@ log = logging.getLogger(__name__)
 
 CHAIR_KEYS = ("chair_s", "chair_i", "recall", "len")
 POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+MMHAL_KEYS = ("average_score", "hallucination_rate")
 
 
 def summary_row(k: int, model: str, chair_path: str | Path | None, pope_path: str | Path | None,
-                amber_path: str | Path | None = None, object_halbench_path: str | Path | None = None) -> dict:
+                amber_path: str | Path | None = None, object_halbench_path: str | Path | None = None,
+                mmhal_path: str | Path | None = None) -> dict:
     """One model's row from its result files (None: that benchmark did not run)."""
     row: dict = {"round": k, "model": model}
     n_images = {}
@@ -67,6 +70,11 @@ def summary_row(k: int, model: str, chair_path: str | Path | None, pope_path: st
         objhal = read_json(object_halbench_path)
         row["object_halbench"] = {key: objhal["metrics"][key] for key in OBJECT_HALBENCH_KEYS}
         n_images["object_halbench"] = objhal["protocol"]["n_images"]
+    if mmhal_path is not None:
+        mmhal = read_json(mmhal_path)
+        row["mmhal"] = {key: mmhal["metrics"][key] for key in MMHAL_KEYS}
+        row["mmhal_judge"] = mmhal["protocol"]["judge"]["model"]
+        n_images["mmhal"] = mmhal["metrics"]["n"]
     row["n_images"] = n_images
     return row
 
@@ -74,7 +82,7 @@ def summary_row(k: int, model: str, chair_path: str | Path | None, pope_path: st
 def result_paths(cfg: DictConfig, k: int) -> dict[str, Path | None]:
     """model_k's result file per benchmark (None for a benchmark eval.benchmarks leaves out)."""
     files = {"chair": paths.chair_json(cfg, k), "pope": paths.pope_json(cfg, k), "amber": paths.amber_json(cfg, k),
-             "object_halbench": paths.object_halbench_json(cfg, k)}
+             "object_halbench": paths.object_halbench_json(cfg, k), "mmhal": paths.mmhal_json(cfg, k)}
     return {name: (path if name in cfg.eval.benchmarks else None) for name, path in files.items()}
 
 
@@ -108,6 +116,9 @@ def plot_rounds(summary: dict, out: Path) -> None:
     if rows and "object_halbench" in rows[0]:
         lines["Object HalBench"] = [(label, [r["object_halbench"][key] for r in rows])
                                     for key, label in OBJECT_HALBENCH_COLUMNS[:3]]
+    if rows and "mmhal" in rows[0]:  # the 0-6 score on the 0-1 axis as score / 6
+        lines["MMHal-Bench"] = [("score / 6", [r["mmhal"]["average_score"] / 6 for r in rows]),
+                                ("hallucination rate", [r["mmhal"]["hallucination_rate"] for r in rows])]
     fig, axes = plt.subplots(1, max(len(lines), 1), figsize=(5 * max(len(lines), 1), 4), squeeze=False)
     for ax, (title, series) in zip(axes[0], lines.items()):
         for label, values in series:
@@ -212,8 +223,8 @@ AMBER_PLOTTED = (("chair", "AMBER CHAIR"), ("cover", "Cover"), ("f1", "discrimin
 
 
 def markdown_table(summary: dict) -> str:
-    """One line per round: CHAIR's columns, POPE F1 per split, AMBER's and Object HalBench's column groups (the
-    benchmarks that ran)."""
+    """One line per round: CHAIR's columns, POPE F1 per split, AMBER's, Object HalBench's and MMHal-Bench's column
+    groups (the benchmarks that ran)."""
     rows = summary["rounds"]
     first = rows[0] if rows else {}
     splits = list(first.get("pope", {}))
@@ -225,6 +236,8 @@ def markdown_table(summary: dict) -> str:
         head += [label for _, label in AMBER_COLUMNS]
     if "object_halbench" in first:
         head += [label for _, label in OBJECT_HALBENCH_COLUMNS]
+    if "mmhal" in first:
+        head += ["MMHal score (0-6)", "MMHal hal rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["round"])]
@@ -236,6 +249,8 @@ def markdown_table(summary: dict) -> str:
             cells += ["" if r["amber"][key] is None else f"{r['amber'][key]:.3f}" for key, _ in AMBER_COLUMNS]
         if "object_halbench" in first:
             cells += [f"{r['object_halbench'][key]:.3f}" for key, _ in OBJECT_HALBENCH_COLUMNS]
+        if "mmhal" in first:
+            cells += [f"{r['mmhal']['average_score']:.2f}", f"{r['mmhal']['hallucination_rate']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -35,7 +35,7 @@ WIN_RULES = ("context_coherent", "new_objects", "factual")         # halludpo.se
 TOY_VERIFIER_KINDS = ("cnn", "features", "mlp")                    # halludpo.verifiers.KINDS
 DETECTOR_DTYPES = ("float32", "float16", "bfloat16")               # halludpo.detectors.DTYPES
 POPE_SPLITS = ("random", "popular", "adversarial")                 # halludpo.metrics.pope.POPE_SPLITS
-BENCHMARKS = ("chair", "pope", "amber", "object_halbench")         # halludpo.evaluate.BENCHMARKS
+BENCHMARKS = ("chair", "pope", "amber", "object_halbench", "mmhal")  # halludpo.evaluate.BENCHMARKS
 AMBER_ANSWER_RULES = ("amber", "first-word")                       # halludpo.metrics.amber.ANSWER_RULES
 AMBER_NOUN_PIPELINES = ("auto", "nltk", "offline")                 # halludpo.metrics.amber.NOUN_PIPELINES
 AMBER_MATCHERS = ("auto", "spacy", "table", "offline")             # halludpo.metrics.amber.MATCHERS
@@ -185,6 +185,7 @@ SETTINGS: dict[str, Setting] = {
     "shards": COUNT,
     "amber_shards": COUNT,
     "object_halbench_shards": COUNT,
+    "mmhal_shards": COUNT,
     "gather": flag(),
     "parallel.shards.*": COUNT,
     "paths.*": text(),
@@ -565,15 +566,22 @@ def check_pope_sources(tree: Mapping) -> list[tuple[str, str]]:
 
 def check_released_sources(tree: Mapping) -> list[tuple[str, str]]:
     """AMBER and Object HalBench on real data read their released files (data.sources.amber,
-    data.sources.object_halbench); only the toy world writes its own."""
+    data.sources.object_halbench); only the toy world writes its own. MMHal-Bench has no toy version: it reads
+    data.sources.mmhal on any data, and its judge needs an endpoint (eval.judge.base_url)."""
     benchmarks, kind = lookup(tree, "eval.benchmarks"), lookup(tree, "data.kind")
-    if not isinstance(benchmarks, list) or kind in ("toy", None):
+    if not isinstance(benchmarks, list):
         return []
     found = []
-    for name, files in (("amber", "AMBER files"), ("object_halbench", "Object HalBench question file")):
-        if name in benchmarks and not isinstance(lookup(tree, f"data.sources.{name}"), Mapping):
+    for name, files in (("amber", "AMBER files"), ("object_halbench", "Object HalBench question file"),
+                        ("mmhal", "MMHal-Bench files")):
+        if name not in benchmarks or (kind in ("toy", None) and name != "mmhal"):
+            continue
+        if not isinstance(lookup(tree, f"data.sources.{name}"), Mapping):
             found.append(problem("eval.benchmarks", benchmarks, f"names {name}, but data.kind = {kind!r} has no "
                                                                 f"{files} (data.sources.{name}); drop {name} or add them"))
+    if "mmhal" in benchmarks and not lookup(tree, "eval.judge.base_url"):
+        found.append(problem("eval.benchmarks", benchmarks, "names mmhal, a judge-scored benchmark, but "
+                                                            "eval.judge.base_url is null: set the judge's endpoint"))
     return found
 
 

@@ -255,8 +255,8 @@ def curve_points(curve: list[dict]) -> list[tuple[str, float, int]]:
 def round_metrics(row: dict) -> dict[str, float]:
     """summary.json row -> MLflow metric names (chair_s, chair_i, recall, len, chair_i_sentence_<n>,
     pope_<split>_<metric>, amber_<metric>: amber_chair, amber_cover, amber_hal, amber_cog, amber_accuracy,
-    amber_f1, amber_score, object_halbench_<metric>), for the benchmarks the row holds; a metric without a value
-    (null) is not logged."""
+    amber_f1, amber_score, object_halbench_<metric>, mmhal_<metric>), for the benchmarks the row holds; a metric
+    without a value (null) is not logged."""
     metrics = {k: float(v) for k, v in row.get("chair", {}).items()}
     for position in row.get("chair_by_sentence", []):
         metrics[f"chair_i_sentence_{position['sentence'] + 1}"] = float(position["chair_i"])
@@ -266,6 +266,7 @@ def round_metrics(row: dict) -> dict[str, float]:
         if value is not None:
             metrics["amber_score" if name == "amber_score" else f"amber_{name}"] = float(value)
     metrics.update({f"object_halbench_{name}": float(value) for name, value in row.get("object_halbench", {}).items()})
+    metrics.update({f"mmhal_{name}": float(value) for name, value in row.get("mmhal", {}).items()})
     return metrics
 
 

@@ -128,6 +128,10 @@ BAD_COMBINATIONS = [
     (["eval.object_halbench.mentions=unique"], "eval.object_halbench.mentions = 'unique'"),
     (["eval.object_halbench.generation.num_beams=0"], "eval.object_halbench.generation.num_beams = 0"),
     (["parallel.shards.object_halbench=0"], "parallel.shards.object_halbench = 0"),
+    (["eval.benchmarks=[chair,mmhal]", "eval.judge.base_url=http://127.0.0.1:1/v1"],   # no toy MMHal-Bench
+     "eval.benchmarks = ['chair', 'mmhal']: names mmhal, but data.kind = 'toy' has no MMHal-Bench files"),
+    (["experiment=symmpo_llava15_7b", "eval.benchmarks=[chair,mmhal]"],        # a judge-scored benchmark, no judge
+     "eval.benchmarks = ['chair', 'mmhal']: names mmhal, a judge-scored benchmark, but eval.judge.base_url is null"),
 ]
 
 

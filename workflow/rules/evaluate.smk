@@ -1,6 +1,6 @@
 # eval.benchmarks picks what rule evaluate scores: chair (model_k's descriptions, rule generate), pope (rule
 # pope_answers), amber (rule amber_answers), object_halbench (rule object_halbench_answers). It also writes
-# eval/lmms_eval/ (lmms-eval's results layout).
+# eval/lmms_eval/ (lmms-eval's results layout). mmhal (judge-scored) has its own rules: mmhal_answers, mmhal_judge.
 BENCHMARKS = list(CFG.eval.benchmarks)
 from halludpo import lmms_results
 
@@ -162,6 +162,61 @@ if "object_halbench" in BENCHMARKS:
             "OMP_NUM_THREADS={threads} "
             + stage("evaluate", "object_halbench_answers",
                     **shard_settings(round="{wildcards.k}", step="object_halbench_answers"))
+            + " > {log} 2>&1"
+
+
+# MMHal-Bench: its questions and images (data.sources.mmhal; after their downloads when it names some), model_k's
+# answers (GPU shards), the judge's ratings (rule mmhal_judge: on the submitting host, which can reach the endpoint;
+# every call cached under eval.judge.cache_dir, so a rerun sends only what is new).
+MMHAL_JSON = str(EXP / "round_{k}" / "eval" / "mmhal.json")  # shards: eval/shards/mmhal_answers.*
+
+if "mmhal" in BENCHMARKS:
+    MMHAL = CFG.data.sources.mmhal
+    MMHAL_INPUTS = (download.marker_paths(CFG.download, MMHAL.downloads) if MMHAL.get("downloads")
+                    else [MMHAL.template])
+
+    rule mmhal_answers:
+        """MMHal-Bench by model_k, shard {i} of {n}: greedy answers to its run of whole batches of the questions."""
+        input:
+            code=code("evaluate"),
+            mmhal=MMHAL_INPUTS,
+            model=model_marker,
+        output:
+            str(EXP / "round_{k}" / "eval" / "shards" / "mmhal_answers.{i}-of-{n}.jsonl"),
+        params:
+            config=subtree("eval.mmhal", "eval.batch_size", "eval.seed", "data.sources.mmhal"),
+        threads: workflow.cores
+        conda:
+            CONDA_ENV
+        log:
+            EXP / "logs" / "mmhal_answers_{i}-of-{n}_r{k}.log",
+        benchmark:
+            EXP / "benchmarks" / "mmhal_answers_{i}-of-{n}_r{k}.tsv"
+        shell:
+            "OMP_NUM_THREADS={threads} "
+            + stage("evaluate", "mmhal_answers", **shard_settings(round="{wildcards.k}", step="mmhal_answers"))
+            + " > {log} 2>&1"
+
+    localrules: mmhal_judge
+
+    rule mmhal_judge:
+        """The judge's ratings of model_k's MMHal-Bench answers (eval.judge): the estimate of calls, tokens and cost
+        in the log first, then mmhal.json (average score, hallucination rate, per type, every reply)."""
+        input:
+            code=code("evaluate"),
+            mmhal=MMHAL_INPUTS,
+            answers=gathered_shards(MMHAL_JSON, "mmhal", "mmhal_answers"),
+        output:
+            mmhal=report(MMHAL_JSON, caption="../report/mmhal.rst", category="Evaluation", subcategory="round {k}"),
+        params:
+            config=subtree("eval.judge.base_url", "eval.judge.model", "eval.judge.parameters", "data.sources.mmhal"),
+            shards=lambda w, input: len(input.answers),
+        conda:
+            CONDA_ENV
+        log:
+            EXP / "logs" / "mmhal_judge_r{k}.log",
+        shell:
+            stage("evaluate", "mmhal_judge", round="{wildcards.k}", mmhal_shards="{params.shards}")
             + " > {log} 2>&1"
 
 

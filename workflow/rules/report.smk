@@ -21,7 +21,8 @@ rule summarize:
     Also the report's training curves (one plot per trained round) and the resolved config."""
     input:
         code=code("report"),
-        evaluations=[expand(getattr(rules.evaluate.output, b), k=ROUNDS) for b in BENCHMARKS],
+        evaluations=[expand(getattr(rules.evaluate.output, b), k=ROUNDS) for b in BENCHMARKS if b != "mmhal"],
+        judged=expand(rules.mmhal_judge.output.mmhal, k=ROUNDS) if "mmhal" in BENCHMARKS else [],
         lmms_eval=expand(rules.evaluate.output.lmms_eval, k=ROUNDS),
         train=expand(rules.dpo.output.stats, k=ROUNDS[:-1]),
         train_log=expand(rules.dpo.output.log, k=ROUNDS[:-1]),

@@ -17,9 +17,13 @@ in the result with every rating.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
+from halludpo.io import InputError
 from halludpo.judge import Estimate, Judge
 
 # The judge prompt, word for word (the scores depend on it; "evalutation" is the original's spelling). Source:
@@ -114,6 +118,45 @@ N_QUESTIONS = 96
 PARAMETERS: dict[str, Any] = {"temperature": 0.0}
 ORIGINAL_JUDGE = "gpt-4-0314"
 RECORD_FIELDS = ("image_content", "question", "gt_answer", "model_answer")
+TEMPLATE_FIELDS = ("question_type", "image_src", "image_content", "question", "gt_answer")
+# The 96 questions without answers: RLHF-V/RLAIF-V eval/data/mmhal-bench_answer_template.json at commit 83d917b2e811,
+# 50,519 bytes (the benchmark's response_template.json, as RLHF-V's scripts read it); sha256 computed from the file.
+TEMPLATE_FILE = {
+    "repository": "RLHF-V/RLAIF-V",
+    "path": "eval/data/mmhal-bench_answer_template.json",
+    "commit": "83d917b2e8118ca8e7877a796d72af9bb3e6b356",
+    "sha256": "28ed24e19ffef292597c35f1dad37760b2e0a088b3b40ca3b50f105fc1b951bb",
+}
+
+
+def image_file(record: Mapping[str, Any]) -> str:
+    """The file name of a record's image in the benchmark's images/ folder: the last part of its image_src URL."""
+    return PurePosixPath(urlparse(record["image_src"]).path).name
+
+
+def read_template(path: str | Path) -> list[dict[str, Any]]:
+    """MMHal-Bench's question file (a JSON list of records with TEMPLATE_FIELDS) -> its records, in file order.
+    A record without a field, with an empty question or with image contents that are not a list of words raises
+    InputError naming the file and the record (1-based)."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
+    if not isinstance(records, list) or not records:
+        raise InputError(f"{path}: not a list of MMHal-Bench records")
+    for number, record in enumerate(records, 1):
+        where = f"{path}: record {number}"
+        if not isinstance(record, dict) or any(key not in record for key in TEMPLATE_FIELDS):
+            raise InputError(f"{where}: an MMHal-Bench record needs the fields {', '.join(TEMPLATE_FIELDS)}")
+        if not isinstance(record["question"], str) or not record["question"].strip():
+            raise InputError(f"{where}: the question is empty")
+        if not isinstance(record["image_content"], list) or not all(isinstance(w, str) for w in record["image_content"]):
+            raise InputError(f"{where}: image_content must be a list of words")
+        if not image_file(record):
+            raise InputError(f"{where}: image_src {record['image_src']!r} names no file")
+    return records
 
 
 def judge_prompt(record: Mapping[str, Any]) -> str:
