@@ -280,8 +280,9 @@ def test_select_entries_expands_bundles():
 
 
 def test_shipped_config_entries():
-    """Every entry of configs/download/default.yaml is well formed and has a checksum, except AMBER's image archive
-    (no published hash): refused as shipped, accepted with verify=tofu. Every GitHub file is pinned to a commit."""
+    """Every entry of configs/download/default.yaml is well formed and has a checksum, except AMBER's and MMHal-Bench's
+    image archives (no hash published or readable): refused as shipped, accepted with verify=tofu. Every GitHub file
+    is pinned to a commit."""
     from halludpo.config import compose, to_plain
 
     dl = compose([]).download
@@ -299,7 +300,7 @@ def test_shipped_config_entries():
             assert "verify=tofu" in str(err)
             refused.append(e["name"])
             assert check_entry({**e, "verify": "tofu"})["sha256"] is None
-    assert refused == ["amber_images"]
+    assert refused == ["amber_images", "mmhal_images"]
     tofu = compose(["download.entries.amber_images.verify=tofu"]).download.entries.amber_images
     assert check_entry({"name": "amber_images", **to_plain(tofu)})["verify"] == "tofu"
 

@@ -19,10 +19,11 @@ from tests.test_pipeline import TINY, snakemake
 from tests.test_shards import copy_base
 
 
-def template_record(image_src: str, question: str = "What is in the image?", kind: str = "attribute") -> dict:
+def template_record(image_src: str, question: str = "What is in the image?", kind: str = "attribute",
+                    gt_answer: str = "There is a circle.") -> dict:
     return {"question_type": kind, "question_topic": "toy", "image_id": image_src.rsplit("/", 1)[-1][:-4],
             "image_src": image_src, "image_content": ["circle", "square"], "question": question,
-            "gt_answer": "There is a circle.", "model_answer": ""}
+            "gt_answer": gt_answer, "model_answer": ""}
 
 
 def test_template_records_and_their_image_files(tmp_path):
@@ -80,7 +81,7 @@ def mmhal_workdir(tiny_pipeline, tmp_path, monkeypatch):
         shutil.copy(image, images / image.name)
         records.append(template_record(f"https://example.org/openimages/{image.name}",
                                        ["what is in the image ?", "is there a circle in the image ?"][n % 2],
-                                       ["attribute", "adversarial"][n % 2]))
+                                       ["attribute", "adversarial"][n % 2], f"The answer of question {n}."))
     template = tmp_path / "mmhal" / "template.json"
     template.write_text(json.dumps(records))
     return workdir, template, images
@@ -111,7 +112,8 @@ def test_mmhal_rules_rate_the_answers_with_the_judge_and_cache_them(mmhal_workdi
         # each request carries the record's question and model_k's answer in MMHal-Bench's template
         for body, answer in zip(sent, answers):
             prompt = body["messages"][0]["content"]
-            assert f"- Question: {answer['query']}" in prompt and prompt.rstrip().endswith(answer["response"].strip())
+            assert f"### Question\n{answer['query']}\n" in prompt and "### Image Contents\ncircle, square\n" in prompt
+            assert prompt.endswith(f"### LMM Response to Evaluate\n{answer['response']}\n")
         result = json.loads((workdir / target).read_text())
         m = result["metrics"]
         assert m["average_score"] == pytest.approx((6 + 2 + 0 + 4) / 4) and m["hallucination_rate"] == 0.5

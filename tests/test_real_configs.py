@@ -60,7 +60,8 @@ def test_every_real_experiment_runs_on_coco_with_the_paper_protocol(name):
     assert "mmhal" not in cfg.eval.benchmarks and cfg.eval.judge.base_url is None
     entry = cfg.download.entries.mmhal_template
     assert "/RLHF-V/RLAIF-V/83d917b2e8118ca8e7877a796d72af9bb3e6b356/" in entry.url and len(entry.sha256) == 64
-    assert cfg.download.entries.mmhal_images.verify == "tofu" and "f5f49a938f45" in cfg.download.entries.mmhal_images.url
+    images = cfg.download.entries.mmhal_images
+    assert images.verify == "tofu" and "f5f49a938f45" in images.url
     assert cfg.data.sources.mmhal.template == f"{root}/mmhal/mmhal-bench_answer_template.json"
     # the downloads prepare reads: COCO 2014 val + annotations, COCO 2017 train, detail-23k, OPERA's list, POPE
     markers = download.marker_paths(cfg.download, cfg.data.downloads)
@@ -138,6 +139,9 @@ def test_model_0_marker_by_kind_of_path(tmp_path):
     ("apasi_llava15_7b", {"eval_images": None}, False),
     ("apasi_llava15_7b", {"sources": None}, False),          # coco needs its downloaded sources
     ("toy_apasi", {"compounds": "lvis"}, False),
+    ("toy_apasi", {"sources": {"mmhal": {"template": "t.json", "images": "img"}}}, True),  # MMHal-Bench on any data
+    ("toy_apasi", {"sources": {"mmhal": {"template": "t.json"}}}, False),
+    ("apasi_llava15_7b", {"sources": {"mmhal": {"template": "t.json", "images": "img"}}}, False),  # coco: all
 ])
 def test_data_config_schema(experiment, change, ok):
     """workflow/schemas/data_config.schema.yaml: the keys every stage reads (checked when the Snakefile loads)."""
@@ -216,4 +220,5 @@ def test_dry_run_plans_mmhal_when_asked(tmp_path):
     expected = EXPECTED_JOBS["symmpo_llava15_7b"]
     assert counts["mmhal_answers"] == 3 and counts["mmhal_judge"] == 3  # model_0..2, one shard each
     assert counts["download"] == expected["download"] + 2 and counts["total"] == sum(expected.values()) + 8
-    assert "results/downloads/done/mmhal_images.json" in out and "results/symmpo_llava15_7b/round_2/eval/mmhal.json" in out
+    assert "results/downloads/done/mmhal_images.json" in out
+    assert "results/symmpo_llava15_7b/round_2/eval/mmhal.json" in out

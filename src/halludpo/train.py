@@ -37,7 +37,7 @@ from halludpo.io import InputError, publish_tree, read_jsonl, sha256_file, sha25
 from halludpo.losses import N_SEGMENTS, loss_terms, preference_loss
 from halludpo.models import load_model_and_processor, model_device, save_model
 from halludpo.logprobs import (
-    PAIR_FIELDS,  # noqa: F401  (re-exported: the pairs contract, defined in scoring)
+    PAIR_FIELDS,  # noqa: F401  (re-exported: the pairs contract, defined in halludpo.logprobs)
     check_image_tokens,
     collate_segments,
     encode_segment,

@@ -116,7 +116,8 @@ rule amber_answers:
 # annotations (data.sources.object_halbench, after their downloads), or eval.object_halbench.n_images toy eval images.
 RELEASED_OBJECT_HALBENCH = paths.released_object_halbench(CFG)
 OBJECT_HALBENCH_FILES = {name: str(f) for name, f in paths.object_halbench_files(CFG).items()}
-OBJECT_HALBENCH_JSON = str(EXP / "round_{k}" / "eval" / "object_halbench.json")  # shards: eval/shards/object_halbench_answers.*
+# its shards: eval/shards/object_halbench_answers.*
+OBJECT_HALBENCH_JSON = str(EXP / "round_{k}" / "eval" / "object_halbench.json")
 
 if "object_halbench" in BENCHMARKS:
 
@@ -216,7 +217,7 @@ if "mmhal" in BENCHMARKS:
         log:
             EXP / "logs" / "mmhal_judge_r{k}.log",
         shell:
-            stage("evaluate", "mmhal_judge", round="{wildcards.k}", mmhal_shards="{params.shards}")
+            stage("evaluate", "mmhal_judge", round="{wildcards.k}", step="mmhal_judge", mmhal_shards="{params.shards}")
             + " > {log} 2>&1"
 
 

@@ -152,7 +152,8 @@ def read_template(path: str | Path) -> list[dict[str, Any]]:
             raise InputError(f"{where}: an MMHal-Bench record needs the fields {', '.join(TEMPLATE_FIELDS)}")
         if not isinstance(record["question"], str) or not record["question"].strip():
             raise InputError(f"{where}: the question is empty")
-        if not isinstance(record["image_content"], list) or not all(isinstance(w, str) for w in record["image_content"]):
+        contents = record["image_content"]
+        if not isinstance(contents, list) or not all(isinstance(word, str) for word in contents):
             raise InputError(f"{where}: image_content must be a list of words")
         if not image_file(record):
             raise InputError(f"{where}: image_src {record['image_src']!r} names no file")
