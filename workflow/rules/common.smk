@@ -45,7 +45,7 @@ SRC_PATH = shlex.quote(str(SRC.parent))
 # Every stage command's environment (a shell template: Snakemake fills in SRC_PATH). src/ goes on the path: the rules
 # run the checkout's code, also inside a conda env without the package. Fixed thread counts: MKL/OpenMP may
 # otherwise use fewer threads on a busy node, which changes float reduction order and so the trained weights.
-# The CPU kernel levels are pinned (halludpo.determinism), so model_0 is the same on every x86-64 CPU.
+# The CPU kernel levels are pinned (halludpo.determinism): the same model_0 under any kernel level on one CPU vendor.
 # Progress bars refresh at most every 30 s: rule logs are files, where each refresh would be another line.
 STAGE_ENV = (determinism.shell_exports() + " MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE TQDM_MININTERVAL=30 "
              "PYTHONPATH={SRC_PATH}${{PYTHONPATH:+:$PYTHONPATH}}")
