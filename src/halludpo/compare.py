@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from halludpo.io import InputError, read_json, write_text
+from halludpo.metrics.mmhal import HEADLINE_KEYS as MMHAL_KEYS
 
 
 def round_wall_seconds(experiment_dir: str | Path, k: int) -> float | None:
@@ -54,7 +55,7 @@ def comparison_rows(summary_paths: list[str | Path]) -> list[dict]:
             if "object_halbench" in r:
                 row |= {f"objhal_{key}": r["object_halbench"][key] for key in OBJECT_HALBENCH_KEYS}
             if "mmhal" in r:
-                row |= {f"mmhal_{key}": r["mmhal"][key] for key in ("average_score", "hallucination_rate")}
+                row |= {f"mmhal_{key}": r["mmhal"][key] for key in MMHAL_KEYS}
             row["wall_seconds"] = round_wall_seconds(Path(path).parent, r["round"])
             rows.append(row)
     return rows

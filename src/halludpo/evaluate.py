@@ -63,7 +63,8 @@ GENERATION_FIELDS = ("image_id", "image_path", "prompt", "response", "model", "r
 QUESTION_FIELDS = ("question_id", "image_id", "file_name", "object", "label", "text")
 BENCHMARKS = ("chair", "pope", "amber", "object_halbench", "mmhal")  # eval.benchmarks
 AMBER_TASKS = ("generative", "discriminative")
-AMBER_ROW_FIELDS = ("id", "image", "query", "response")
+ANSWER_ROW_FIELDS = ("id", "image", "query", "response")  # a row of answer_queries (AMBER, Object HalBench, MMHal)
+OBJECT_HALBENCH_QUESTION_FIELDS = ("id", "image_id", "image", "query")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,24 +249,31 @@ def answer_queries(model, processor, queries: list[dict], images_dir: str | Path
     return run_batches(resume[0], positions, batch_size, work, resume[1], desc=desc)
 
 
+def answer_shard_of_lists(cfg: DictConfig, k: int, lists: dict[str, tuple[list[dict], Path, Path, dict]],
+                          inputs: list) -> None:
+    """A shard job of the query benchmarks: model_k (loaded once) answers its run of whole batches of each list,
+    name -> (queries, answers path, images folder, generate() kwargs), each split on its own, resumable into
+    <answers folder>/shards/<answers stem>.<cfg.shard>-of-<cfg.shards>.jsonl. `inputs`: the files besides model_k
+    whose change starts a partial shard over (halludpo.shards.input_fingerprint)."""
+    model_path = paths.model_dir(cfg, k)
+    fingerprint = input_fingerprint(to_plain(cfg), [model_path, *inputs])
+    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
+    for name, (queries, answers, images, gen_kwargs) in lists.items():
+        positions = shard_range(len(queries), cfg.eval.batch_size, cfg.shard, cfg.shards)
+        target = shard_file(answers, cfg.shard, cfg.shards)
+        rows = answer_queries(model, processor, queries, images, gen_kwargs, cfg.eval.batch_size, cfg.eval.seed,
+                              positions, resume=(target, fingerprint), desc=name)
+        log.info("round %d: shard %d of %d, %d %s responses -> %s", k, cfg.shard, cfg.shards, len(rows), name, target)
+
+
 def amber_answer_shard(cfg: DictConfig, k: int) -> None:
     """Rule amber_answers, shard `cfg.shard` of `cfg.shards`: model_k describes its run of whole batches of AMBER's
     generative images and answers its run of the discriminative questions (each list split on its own, so every
     shard gets both kinds of work) -> eval/shards/amber_<task>.<i>-of-<n>.jsonl, resumable."""
-    queries = amber_queries(cfg)
-    files = paths.amber_files(cfg)
-    model_path = paths.model_dir(cfg, k)
-    fingerprint = input_fingerprint(to_plain(cfg), [model_path, *files.values()])
-    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
-    decoding = amber_decoding(cfg)
-    for task in AMBER_TASKS:
-        positions = shard_range(len(queries[task]), cfg.eval.batch_size, cfg.shard, cfg.shards)
-        target = shard_file(paths.amber_answers(cfg, k, task), cfg.shard, cfg.shards)
-        rows = answer_queries(model, processor, queries[task], paths.amber_images(cfg), decoding[task],
-                              cfg.eval.batch_size, cfg.eval.seed, positions, resume=(target, fingerprint),
-                              desc=f"amber {task}")
-        log.info("round %d: shard %d of %d, %d AMBER %s responses -> %s", k, cfg.shard, cfg.shards, len(rows), task,
-                 target)
+    queries, decoding = amber_queries(cfg), amber_decoding(cfg)
+    answer_shard_of_lists(cfg, k, {f"AMBER {task}": (queries[task], paths.amber_answers(cfg, k, task),
+                                                     paths.amber_images(cfg), decoding[task])
+                                   for task in AMBER_TASKS}, inputs=list(paths.amber_files(cfg).values()))
 
 
 def evaluate_amber(cfg: DictConfig, rows: dict[str, list[dict]], model: str) -> dict:
@@ -306,15 +314,12 @@ def evaluate_amber(cfg: DictConfig, rows: dict[str, list[dict]], model: str) -> 
 
 def read_amber_rows(cfg: DictConfig, k: int, n_shards: int) -> dict[str, list[dict]]:
     """The amber_answers shards' rows per task, in shard order (= id order)."""
-    return {task: read_shards(shard_files(paths.amber_answers(cfg, k, task), n_shards), required=AMBER_ROW_FIELDS)
+    return {task: read_shards(shard_files(paths.amber_answers(cfg, k, task), n_shards), required=ANSWER_ROW_FIELDS)
             for task in AMBER_TASKS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Object HalBench
-
-OBJECT_HALBENCH_PROMPTS = {"paper": object_halbench.PROMPTS}  # eval.object_halbench.prompts (+ "toy", below)
-
 
 def object_halbench_prompts(name: str) -> tuple[str, ...]:
     """The prompts rotated over the toy eval images: the paper's eight, or the toy world's describe prompts (words
@@ -323,7 +328,7 @@ def object_halbench_prompts(name: str) -> tuple[str, ...]:
         from halludpo.toyworld import DESCRIBE_PROMPTS
 
         return tuple(DESCRIBE_PROMPTS)
-    return OBJECT_HALBENCH_PROMPTS[name]
+    return object_halbench.PROMPTS
 
 
 def object_halbench_source(cfg: DictConfig) -> str:
@@ -395,18 +400,11 @@ def object_halbench_decoding(cfg: DictConfig) -> dict:
 def object_halbench_answer_shard(cfg: DictConfig, k: int) -> None:
     """Rule object_halbench_answers, shard `cfg.shard` of `cfg.shards`: model_k describes its run of whole batches
     of the questions -> eval/shards/object_halbench_answers.<i>-of-<n>.jsonl, resumable."""
-    files = paths.object_halbench_files(cfg)
-    queries = read_jsonl(files["questions"], required=("id", "image_id", "image", "query"))
-    model_path = paths.model_dir(cfg, k)
-    fingerprint = input_fingerprint(to_plain(cfg), [model_path, files["questions"]])
-    positions = shard_range(len(queries), cfg.eval.batch_size, cfg.shard, cfg.shards)
-    target = shard_file(paths.object_halbench_answers(cfg, k), cfg.shard, cfg.shards)
-    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
-    rows = answer_queries(model, processor, queries, cfg.data.eval_images, object_halbench_decoding(cfg),
-                          cfg.eval.batch_size, cfg.eval.seed, positions, resume=(target, fingerprint),
-                          desc="object halbench")
-    log.info("round %d: shard %d of %d, %d Object HalBench descriptions -> %s", k, cfg.shard, cfg.shards, len(rows),
-             target)
+    questions = paths.object_halbench_files(cfg)["questions"]
+    queries = read_jsonl(questions, required=OBJECT_HALBENCH_QUESTION_FIELDS)
+    answer_shard_of_lists(cfg, k, {"Object HalBench": (queries, paths.object_halbench_answers(cfg, k),
+                                                       Path(cfg.data.eval_images), object_halbench_decoding(cfg))},
+                          inputs=[questions])
 
 
 def evaluate_object_halbench(cfg: DictConfig, rows: list[dict], model: str) -> dict:
@@ -414,7 +412,7 @@ def evaluate_object_halbench(cfg: DictConfig, rows: list[dict], model: str) -> d
     (halludpo.metrics.object_halbench.score, our CHAIR object finder) with the protocol."""
     o = cfg.eval.object_halbench
     files = paths.object_halbench_files(cfg)
-    questions = read_jsonl(files["questions"], required=("id", "image_id", "image", "query"))
+    questions = read_jsonl(files["questions"], required=OBJECT_HALBENCH_QUESTION_FIELDS)
     if [r["id"] for r in rows] != [q["id"] for q in questions]:
         raise InputError(f"the Object HalBench descriptions hold {len(rows)} ids, {files['questions']} "
                          f"{len(questions)}: rerun rule object_halbench_answers")
@@ -471,20 +469,14 @@ def mmhal_answer_shard(cfg: DictConfig, k: int) -> None:
     missing = [q["image"] for q in queries if not (images / q["image"]).is_file()]
     if missing:
         raise InputError(f"{images}: {len(missing)} MMHal-Bench image(s) missing, first {missing[0]}")
-    model_path = paths.model_dir(cfg, k)
-    fingerprint = input_fingerprint(to_plain(cfg), [model_path, cfg.data.sources.mmhal.template])
-    positions = shard_range(len(queries), cfg.eval.batch_size, cfg.shard, cfg.shards)
-    target = shard_file(paths.mmhal_answers(cfg, k), cfg.shard, cfg.shards)
-    model, processor = load_model_and_processor(model_path, cfg.model.family, cfg.model.dtype, cfg.model.device)
-    rows = answer_queries(model, processor, queries, images, mmhal_decoding(cfg), cfg.eval.batch_size,
-                          cfg.eval.seed, positions, resume=(target, fingerprint), desc="mmhal")
-    log.info("round %d: shard %d of %d, %d MMHal-Bench answers -> %s", k, cfg.shard, cfg.shards, len(rows), target)
+    answer_shard_of_lists(cfg, k, {"MMHal-Bench": (queries, paths.mmhal_answers(cfg, k), images, mmhal_decoding(cfg))},
+                          inputs=[cfg.data.sources.mmhal.template])
 
 
 def mmhal_answered(cfg: DictConfig, k: int) -> list[dict]:
     """The benchmark's records with model_k's answers (model_answer) from the mmhal_answers shards."""
     records = mmhal_records(cfg)
-    rows = read_shards(shard_files(paths.mmhal_answers(cfg, k), cfg.mmhal_shards), required=AMBER_ROW_FIELDS)
+    rows = read_shards(shard_files(paths.mmhal_answers(cfg, k), cfg.mmhal_shards), required=ANSWER_ROW_FIELDS)
     if [r["id"] for r in rows] != list(range(len(records))):
         raise InputError(f"the MMHal-Bench answers hold {len(rows)} ids, {cfg.data.sources.mmhal.template} "
                          f"{len(records)} questions: rerun rule mmhal_answers")
@@ -639,7 +631,7 @@ def run(cfg: DictConfig) -> None:
                                          if value is not None))
     if "object_halbench" in benchmarks:
         rows = read_shards(shard_files(paths.object_halbench_answers(cfg, k), cfg.object_halbench_shards),
-                           required=AMBER_ROW_FIELDS)
+                           required=ANSWER_ROW_FIELDS)
         objhal = evaluate_object_halbench(cfg, rows, model)
         objhal["round"] = k
         write_json(paths.object_halbench_json(cfg, k), objhal)

@@ -31,6 +31,7 @@ from halludpo import paths
 from halludpo.config import stage_main, to_plain
 from halludpo.io import atomic_path, read_json, read_jsonl, write_json, write_text
 from halludpo.metrics.amber import amber_headline
+from halludpo.metrics.mmhal import HEADLINE_KEYS as MMHAL_KEYS
 from halludpo.metrics.object_halbench import HEADLINE_KEYS as OBJECT_HALBENCH_KEYS
 from halludpo.tracking import NOT_LOGGED, TrackingError, log_experiment, run_identity, tracking_uri
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 CHAIR_KEYS = ("chair_s", "chair_i", "recall", "len")
 POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
-MMHAL_KEYS = ("average_score", "hallucination_rate")
 
 
 def summary_row(k: int, model: str, chair_path: str | Path | None, pope_path: str | Path | None,

@@ -118,6 +118,7 @@ N_QUESTIONS = 96
 PARAMETERS: dict[str, Any] = {"temperature": 0.0}
 ORIGINAL_JUDGE = "gpt-4-0314"
 RECORD_FIELDS = ("image_content", "question", "gt_answer", "model_answer")
+HEADLINE_KEYS = ("average_score", "hallucination_rate")  # summary.json, MLflow, the compare table
 TEMPLATE_FIELDS = ("question_type", "image_src", "image_content", "question", "gt_answer")
 # The 96 questions without answers: RLHF-V/RLAIF-V eval/data/mmhal-bench_answer_template.json at commit 83d917b2e811,
 # 50,519 bytes (the benchmark's response_template.json, as RLHF-V's scripts read it); sha256 computed from the file.
